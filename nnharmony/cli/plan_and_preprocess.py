@@ -1,0 +1,69 @@
+"""nnharmony_plan_and_preprocess -d 901 902 903 -n Collection900_Synthetic [-c 3d_fullres 2d] [-np N]"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nnharmony.cli.common import exit_on_user_error, parse_key_value_pairs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nnharmony_plan_and_preprocess",
+        description="Run nnU-Net's fingerprint extraction, planning and preprocessing for every member dataset, "
+        "then write the collection spec and the joint plan to $nnUNet_preprocessed/NAME/.",
+    )
+    p.add_argument("-d", nargs="*", default=[], help="member dataset ids (or DatasetXXX_Name)")
+    p.add_argument("-n", "--name", required=True, help="collection name, e.g. Collection900_Abdomen")
+    p.add_argument("-c", nargs="+", default=["3d_fullres"], help="configurations (3d_fullres, 2d)")
+    p.add_argument("-np", nargs="+", type=int, default=None,
+                   help="processes for preprocessing, one value or one per configuration")
+    p.add_argument("-pl", default="ExperimentPlanner", help="experiment planner class name, as in nnU-Net")
+    p.add_argument("-gpu_memory_target", type=float, default=None, help="GPU memory target in GB for the planner")
+    p.add_argument("--spec", default=None, help="use this hand-written collection spec (JSON) instead of generating one")
+    p.add_argument("--domain", nargs="*", default=[], metavar="ID=DOMAIN",
+                   help="domain of a member (default: one domain per dataset), e.g. 901=siteA 902=siteA")
+    p.add_argument("--modality-alias", nargs="*", default=[], metavar="CHANNEL=MODALITY",
+                   help="map channel names onto one modality, e.g. T1w=T1 MR=MRI")
+    p.add_argument("--task-alias", nargs="*", default=[], metavar="[DatasetXXX_Name:]LABEL=TASK",
+                   help="map a label onto a global task name, e.g. Dataset902_B:tumour=lesion")
+    p.add_argument("--no-merge", action="store_true", help="do not merge labels with the same name across members")
+    p.add_argument("--sampling", default="sqrt", choices=["uniform", "proportional", "sqrt", "temperature", "explicit"],
+                   help="how the member of each training sample is drawn (see README)")
+    p.add_argument("--temperature", type=float, default=0.5, help="tau of the 'temperature' sampling scheme")
+    p.add_argument("--clean", action="store_true", help="redo every step and replace an existing collection")
+    p.add_argument("--verbose", action="store_true")
+    return p
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from nnharmony.planners.plan_and_preprocess import plan_and_preprocess_collection
+
+    nproc = None
+    if args.np is not None:
+        if len(args.np) not in (1, len(args.c)):
+            raise ValueError(f"-np takes one value or one per configuration ({len(args.c)}), got {args.np}")
+        values = args.np * len(args.c) if len(args.np) == 1 else args.np
+        nproc = dict(zip(args.c, values))
+    spec_options = {
+        "domains": {int(k): v for k, v in parse_key_value_pairs(args.domain, "--domain").items()},
+        "modality_aliases": parse_key_value_pairs(args.modality_alias, "--modality-alias"),
+        "task_aliases": parse_key_value_pairs(args.task_alias, "--task-alias"),
+        "merge_by_name": not args.no_merge,
+        "sampling": {"scheme": args.sampling, "temperature": args.temperature},
+    }
+    spec, joint = plan_and_preprocess_collection(
+        [int(d) if str(d).isdigit() else d for d in args.d], args.name, args.c, args.pl, args.gpu_memory_target,
+        nproc, args.clean, args.spec, spec_options, args.verbose,
+    )
+    print(f"\ncollection {spec.name}: {len(spec.members)} members, modalities {spec.modalities}, "
+          f"{spec.num_tasks} global tasks {spec.tasks}")
+    for c, cfg in joint["configurations"].items():
+        print(f"  {c}: shared patch {cfg['patch_size']}, batch {cfg['batch_size']}, "
+              f"{cfg['architecture']['arch_kwargs']['n_stages']} stages")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""``nnharmony_plan_and_preprocess``: nnU-Net's fingerprint, planning and preprocessing for every member,
+then the collection spec and the joint plan.
+
+Members are validated before any work; finished steps are skipped unless ``clean``; the spec and the
+joint plan are written atomically, so an interrupted run leaves the previous files intact.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from tqdm import tqdm
+
+from nnharmony.data.collection import CollectionError, CollectionSpec, build_collection_spec
+from nnharmony.paths import (COLLECTION_SPEC_FILE, collection_dir, find_dataset_folder, preprocessed_dir,
+                             raw_dir)
+from nnharmony.planners.joint_planner import build_joint_plans, joint_plans_identifier
+from nnharmony.utils.find_class import find_planner_class
+from nnharmony.utils.io import load_json, save_json_atomic
+
+DEFAULT_NUM_PROCESSES = {"2d": 4, "3d_fullres": 2}
+
+
+def _member_is_preprocessed(dataset_name: str, plans_identifier: str, configuration: str, num_training: int) -> bool:
+    plans_file = preprocessed_dir() / dataset_name / f"{plans_identifier}.json"
+    if not plans_file.is_file():
+        return False
+    cfg = load_json(plans_file)["configurations"].get(configuration)
+    if cfg is None:
+        return False
+    folder = preprocessed_dir() / dataset_name / cfg["data_identifier"]
+    if not folder.is_dir():
+        return False
+    n_props = len(list(folder.glob("*.pkl")))
+    return n_props >= num_training and (preprocessed_dir() / dataset_name / "gt_segmentations").is_dir()
+
+
+def prepare_members(
+    dataset_ids: Sequence[int],
+    configurations: Sequence[str],
+    planner_name: str = "ExperimentPlanner",
+    gpu_memory_target_in_gb: float | None = None,
+    num_processes: Mapping[str, int] | None = None,
+    clean: bool = False,
+    verbose: bool = False,
+) -> str:
+    """Validate, fingerprint, plan and preprocess every member with nnU-Net; returns the plans identifier."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
+                                                                      plan_experiment_dataset,
+                                                                      preprocess_dataset)
+
+    from nnharmony.dataset_conversion.validation import validate_members_compatible, validate_raw_dataset
+
+    folders = [find_dataset_folder(d) for d in dataset_ids]
+    for folder in tqdm(folders, desc="validating members", disable=len(folders) < 2):
+        validate_raw_dataset(folder)
+    validate_members_compatible(folders)
+
+    planner_class = find_planner_class(planner_name)
+    nproc = dict(DEFAULT_NUM_PROCESSES)
+    nproc.update(num_processes or {})
+    plans_identifier = None
+    for folder in tqdm(folders, desc="nnU-Net fingerprint/plan/preprocess", unit="dataset"):
+        did = int(folder.name[len("Dataset"):].split("_")[0])
+        pre = preprocessed_dir() / folder.name
+        if clean or not (pre / "dataset_fingerprint.json").is_file():
+            extract_fingerprint_dataset(did, num_processes=max(nproc.values()), clean=True, verbose=verbose)
+        kwargs = {}
+        if gpu_memory_target_in_gb is not None:
+            kwargs["gpu_memory_target_in_gb"] = gpu_memory_target_in_gb
+        planner = planner_class(did, **kwargs)
+        plans_identifier = planner.plans_identifier
+        if clean or not (pre / f"{plans_identifier}.json").is_file():
+            plan_experiment_dataset(did, planner_class, gpu_memory_target_in_gb)
+        n_train = int(load_json(folder / "dataset.json")["numTraining"])
+        todo = [c for c in configurations if clean or not _member_is_preprocessed(folder.name, plans_identifier, c, n_train)]
+        if todo:
+            preprocess_dataset(did, plans_identifier, todo, [nproc.get(c, 2) for c in todo], verbose=verbose)
+    assert plans_identifier is not None
+    return plans_identifier
+
+
+def plan_and_preprocess_collection(
+    dataset_ids: Sequence[int],
+    name: str,
+    configurations: Sequence[str] = ("3d_fullres",),
+    planner_name: str = "ExperimentPlanner",
+    gpu_memory_target_in_gb: float | None = None,
+    num_processes: Mapping[str, int] | None = None,
+    clean: bool = False,
+    spec_file: str | Path | None = None,
+    spec_options: Mapping[str, Any] | None = None,
+    verbose: bool = False,
+) -> tuple[CollectionSpec, dict]:
+    """The whole command. ``spec_file``: a hand-written spec to use instead of a generated one.
+    ``spec_options``: keyword arguments of ``build_collection_spec`` (domains, merge_by_name, aliases...)."""
+    if not dataset_ids and spec_file is None:
+        raise CollectionError("give the member datasets (-d) or a collection spec (--spec)")
+    target = collection_dir(name)
+    user_spec = CollectionSpec.load(spec_file) if spec_file is not None else None
+    if user_spec is not None:
+        if user_spec.name != name:
+            user_spec.name = name
+        if dataset_ids and sorted(dataset_ids) != sorted(m.dataset_id for m in user_spec.members):
+            raise CollectionError(f"{spec_file}: its members {[m.dataset_id for m in user_spec.members]} differ from -d {list(dataset_ids)}")
+        dataset_ids = [m.dataset_id for m in user_spec.members]
+    # resolve ids and fail early on unknown ones
+    ids = [int(find_dataset_folder(d).name[len("Dataset"):].split("_")[0]) for d in dataset_ids]
+    if len(set(ids)) != len(ids):
+        raise CollectionError(f"a dataset is listed twice: {list(dataset_ids)}")
+    existing_spec_file = target / COLLECTION_SPEC_FILE
+    existing = None
+    if existing_spec_file.is_file():
+        existing = CollectionSpec.load(existing_spec_file)
+        if sorted(m.dataset_id for m in existing.members) != sorted(ids):
+            if not clean:
+                raise CollectionError(
+                    f"collection {name} already exists at {target} with members "
+                    f"{[m.dataset_id for m in existing.members]}, not {ids}; choose another name or pass --clean "
+                    f"to replace it"
+                )
+            existing = None
+    elif target.exists() and any(target.iterdir()) and not clean:
+        raise CollectionError(f"{target} exists and is not an nnharmony collection; choose another name or pass --clean")
+
+    plans_identifier = prepare_members(
+        ids, configurations, planner_name, gpu_memory_target_in_gb, num_processes, clean, verbose
+    )
+    if user_spec is not None:
+        spec = user_spec
+    elif existing is not None and not clean:
+        spec = existing  # keep the user's edits of an existing spec
+    else:
+        spec = build_collection_spec(name, ids, raw_root=raw_dir(), **dict(spec_options or {}))
+    spec.validate(str(existing_spec_file))
+    joint = build_joint_plans(spec, configurations, find_planner_class(planner_name), plans_identifier,
+                              gpu_memory_target_in_gb)
+    if clean and target.exists() and existing is None:
+        shutil.rmtree(target)
+    target.mkdir(parents=True, exist_ok=True)
+    save_json_atomic(spec.dataset_json(), target / "dataset.json")
+    spec.save(existing_spec_file)
+    save_json_atomic(joint, target / f"{joint_plans_identifier(plans_identifier)}.json")
+    return spec, joint

@@ -1,0 +1,225 @@
+"""``nnHarmonyTrainer``: the universal baseline and the base class of every method trainer.
+
+It is an ``nnUNetTrainer`` whose plans are the collection's joint plans and whose dataset.json is the
+collection's (one channel per modality, one sigmoid region per global task), so nnU-Net's optimizer,
+schedule, deep supervision, logging, progress plot and checkpoint layout are reused unchanged. What differs:
+data come from the mixed-dataset loader (``nnharmony.data.loader``), the loss only sees annotated tasks, and
+the final validation runs per member with the member's own plans and label values.
+
+Method trainers override a handful of hooks:
+
+* ``build_network_architecture`` (static, as in nnU-Net) -- the network;
+* ``network_forward(data, batch)`` -- how the batch's conditioning reaches the network;
+* ``compute_loss(output, target, batch)`` -- the method's loss;
+* ``inference_condition(spec, member_index)`` -- what the network needs at inference for a known member.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from os.path import join
+from typing import Any
+
+import numpy as np
+import torch
+from torch import autocast, distributed as dist
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context, empty_cache
+
+from nnharmony.data.collection import CollectionSpec
+from nnharmony.paths import COLLECTION_SPEC_FILE, preprocessed_dir
+from nnharmony.trainers.checkpoint import load_checkpoint_file, save_trainer_checkpoint
+from nnharmony.utils.labels import sigmoid_label_manager
+from nnharmony.trainers.losses import PartialLabelLoss, nnunet_deep_supervision_weights
+
+
+class nnHarmonyTrainer(nnUNetTrainer):
+    """Shared nnU-Net network, one sigmoid output per global task, BCE + Dice on annotated tasks only."""
+
+    #: a trainer that can tell the dataset of a test image from the image (``--dataset auto``)
+    supports_auto_dataset = False
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp and device.type == "cpu":
+            # nnU-Net assumes CUDA under DDP; nnharmony also runs DDP with gloo on CPU
+            self.device = torch.device("cpu")
+            self.grad_scaler = None
+        self.my_init_kwargs["device"] = self.device
+        self.label_manager = sigmoid_label_manager(dataset_json)
+        self.spec = load_collection_spec(self.plans_manager.plans)
+        self.sampling_seed = 12345
+        # the preprocessed data live in the members' folders; point nnU-Net at the first one for its dataset class
+        first = self.spec.members[0]
+        member_cfg = self.plans_manager.plans["nnharmony"]["member_plans"][str(first.dataset_id)]["configurations"][
+            configuration]
+        self.preprocessed_dataset_folder = join(preprocessed_dir(), first.dataset_name, member_cfg["data_identifier"])
+
+    # ------------------------------------------------------------------ network and loss
+    def _build_loss(self):
+        weights = None
+        if self.enable_deep_supervision:
+            weights = nnunet_deep_supervision_weights(len(self._get_deep_supervision_scales()), self.is_ddp)
+        return PartialLabelLoss(weights, batch_dice=self.configuration_manager.batch_dice)
+
+    def network_forward(self, data: torch.Tensor, batch: dict):
+        return self.network(data)
+
+    def compute_loss(self, output, target, batch: dict) -> torch.Tensor:
+        return self.loss(output, target, batch["task_mask"].to(self.device))
+
+    @classmethod
+    def inference_condition(cls, spec: CollectionSpec, member_index: int) -> dict[str, Any]:
+        """Conditioning the network needs to predict a case of a known member (none for the baseline)."""
+        return {}
+
+    # ------------------------------------------------------------------ data
+    def get_dataloaders(self):
+        from nnharmony.data.loader import build_mixed_dataloaders
+
+        world = dist.get_world_size() if self.is_ddp else 1
+        return build_mixed_dataloaders(
+            self.spec, self.plans_manager.plans, self.configuration_name, self.fold, self.batch_size,
+            self._get_deep_supervision_scales(), seed=self.sampling_seed, rank=self.local_rank, world_size=world,
+            oversample_foreground_percent=self.oversample_foreground_percent,
+            plans_identifier=self.plans_manager.plans["nnharmony"]["member_plans_identifier"],
+        )
+
+    def initialize(self):
+        if self.is_ddp and self.device.type == "cpu":
+            # nnU-Net wraps with device_ids=[rank], which DDP rejects for CPU modules
+            self.is_ddp = False
+            super().initialize()
+            self.is_ddp = True
+            self.network = torch.nn.parallel.DistributedDataParallel(self.network)
+            # re-split the global batch across ranks exactly like nnU-Net does under DDP
+            self._set_batch_size_and_oversample()
+        else:
+            super().initialize()
+
+    def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()
+        self.dataloader_train, self.dataloader_val = self.get_dataloaders()
+        os.makedirs(self.output_folder, exist_ok=True)
+        self.set_deep_supervision_enabled(self.enable_deep_supervision)
+        self.print_plans()
+        empty_cache(self.device)
+        if self.local_rank == 0:
+            from nnharmony.utils.io import save_json_atomic
+
+            save_json_atomic(self.plans_manager.plans, join(self.output_folder_base, "plans.json"))
+            save_json_atomic(self.dataset_json, join(self.output_folder_base, "dataset.json"))
+            shutil.copyfile(join(self.preprocessed_dataset_folder_base, COLLECTION_SPEC_FILE),
+                            join(self.output_folder_base, COLLECTION_SPEC_FILE))
+            self._save_debug_information()
+        if self.is_ddp:
+            dist.barrier()
+
+    # ------------------------------------------------------------------ steps
+    def _to_device(self, batch: dict):
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        if isinstance(target, list):
+            target = [t.to(self.device, non_blocking=True) for t in target]
+        else:
+            target = target.to(self.device, non_blocking=True)
+        return data, target
+
+    def _autocast(self):
+        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+
+    def train_step(self, batch: dict) -> dict:
+        data, target = self._to_device(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            output = self.network_forward(data, batch)
+            loss = self.compute_loss(output, target, batch)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def validation_step(self, batch: dict) -> dict:
+        data, target = self._to_device(batch)
+        with self._autocast():
+            output = self.network_forward(data, batch)
+            loss = self.compute_loss(output, target, batch)
+        if isinstance(output, (list, tuple)):
+            output, target = output[0], target[0]
+        # pseudo Dice per global task, counted only on samples whose dataset annotates the task
+        mask = batch["task_mask"].to(self.device)
+        mask = mask.reshape(*mask.shape, *([1] * (output.ndim - 2))).float()
+        pred = (torch.sigmoid(output.float()) > 0.5).float() * mask
+        tgt = target.float() * mask
+        axes = [0] + list(range(2, output.ndim))
+        tp = (pred * tgt).sum(axes)
+        fp = (pred * (1 - tgt)).sum(axes)
+        fn = ((1 - pred) * tgt).sum(axes)
+        return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp.cpu().numpy(), "fp_hard": fp.cpu().numpy(),
+                "fn_hard": fn.cpu().numpy()}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        save_trainer_checkpoint(self, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, (str, os.PathLike)):
+            checkpoint = load_checkpoint_file(checkpoint, expected_trainer=self.__class__.__name__,
+                                              expected_collection=self.spec)
+        state = {k[7:] if k.startswith("module.") else k: v for k, v in checkpoint["network_weights"].items()}
+        self.current_epoch = checkpoint["current_epoch"]
+        self.logger.load_checkpoint(checkpoint["logging"])
+        self._best_ema = checkpoint["_best_ema"]
+        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
+                                                               self.inference_allowed_mirroring_axes)
+        self.unwrapped_network().load_state_dict(state)
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+
+    def unwrapped_network(self) -> torch.nn.Module:
+        mod = self.network.module if isinstance(self.network, torch.nn.parallel.DistributedDataParallel) else self.network
+        return getattr(mod, "_orig_mod", mod)
+
+    # ------------------------------------------------------------------ final validation
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """Predict every member's validation cases with the member's own plans and label values and write
+        ``validation/<DatasetXXX_Name>/summary.json`` (nnU-Net format) per member."""
+        from nnharmony.trainers.validation import validate_members
+
+        self.set_deep_supervision_enabled(False)
+        self.network.eval()
+        if self.local_rank == 0:
+            validate_members(self, save_probabilities)
+        if self.is_ddp:
+            dist.barrier()
+        self.set_deep_supervision_enabled(True)
+
+
+def load_collection_spec(plans: dict) -> CollectionSpec:
+    """The spec of the collection the joint plans belong to, with a clear error if it is not a joint plan."""
+    if "nnharmony" not in plans:
+        raise ValueError(
+            f"plans {plans.get('plans_name')!r} of {plans.get('dataset_name')!r} are not nnharmony joint plans; "
+            f"run nnharmony_plan_and_preprocess first"
+        )
+    f = preprocessed_dir() / plans["dataset_name"] / COLLECTION_SPEC_FILE
+    return CollectionSpec.load(f)
