@@ -1,0 +1,67 @@
+"""nnharmony_predict -i IN -o OUT -c COLLECTION -tr NAME [-cfg CONFIG] [-f FOLDS] [--dataset ID|auto] ..."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nnharmony.cli.common import exit_on_user_error
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nnharmony_predict",
+                                description="Predict a folder of images (nnU-Net naming CASE_0000.nii.gz) with a "
+                                            "model trained on a collection.")
+    p.add_argument("-i", required=True, help="input folder")
+    p.add_argument("-o", required=True, help="output folder")
+    p.add_argument("-c", "--collection", required=True)
+    p.add_argument("-tr", default="nnHarmonyTrainer")
+    p.add_argument("-p", default="nnHarmonyPlans")
+    p.add_argument("-cfg", default="3d_fullres", help="configuration (default 3d_fullres)")
+    p.add_argument("-f", nargs="+", default=None, help="folds to ensemble (default: all trained folds)")
+    p.add_argument("-chk", default="checkpoint_final.pth")
+    p.add_argument("--dataset", default=None, help="member dataset id of the input images, or 'auto'")
+    p.add_argument("--tasks", nargs="+", default=None, help="predict only these global tasks")
+    p.add_argument("--save_probabilities", action="store_true")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
+    p.add_argument("-step_size", type=float, default=0.5)
+    p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"])
+    p.add_argument("--support", default=None, help="UniverSeg: folder of labelled examples of the new task")
+    p.add_argument("--label", default=None, help="UniverSeg: label value (or name) to segment in the support labels")
+    p.add_argument("-K", "--ensemble", type=int, default=1, help="UniverSeg: number of random support sets")
+    p.add_argument("-S", "--support-size", type=int, default=8, help="UniverSeg: support set size")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from nnharmony.utils.find_class import find_trainer_class
+
+    trainer_class = find_trainer_class(args.tr)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("-device cuda was requested but no CUDA device is available; use -device cpu")
+    if hasattr(trainer_class, "predict_from_support"):
+        # in-context trainers predict from a support folder instead of a fixed task list
+        trainer_class.predict_from_support(args)
+        return
+    if args.support is not None:
+        raise ValueError(f"--support is for in-context trainers (UniverSegTrainer), not {args.tr}")
+    from nnharmony.inference.predict_folder import model_folder, predict_folder
+    from nnharmony.inference.predictor import CollectionPredictor
+
+    folder = model_folder(args.collection, args.tr, args.p, args.cfg)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no trained model; run nnharmony_train {args.collection} {args.cfg} FOLD "
+                                f"-tr {args.tr} first")
+    predictor = CollectionPredictor.from_model_folder(folder, args.f, args.chk, torch.device(args.device),
+                                                      tile_step_size=args.step_size, use_mirroring=not args.disable_tta)
+    if predictor.trainer_class is not trainer_class:
+        raise ValueError(f"{folder}: checkpoints were written by {predictor.trainer_class.__name__}, not {args.tr}")
+    predict_folder(predictor, args.i, args.o, args.dataset, args.save_probabilities, args.tasks)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Predict a folder of cases in nnU-Net's naming (``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``, ...)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from tqdm import tqdm
+
+from nnharmony.data.collection import CollectionSpec
+from nnharmony.paths import results_dir
+from nnharmony.utils.io import save_json_atomic
+
+
+def model_folder(collection: str, trainer: str, plans: str, configuration: str) -> Path:
+    return results_dir() / collection / f"{trainer}__{plans}__{configuration}"
+
+
+def list_cases(input_folder: str | Path, file_ending: str) -> dict[str, list[str]]:
+    """case id -> channel files, sorted by channel index; a clear error for an empty or malformed folder."""
+    folder = Path(input_folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: input folder not found")
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(file_ending) and not p.name.startswith("."))
+    if not files:
+        raise ValueError(f"{folder}: no '*{file_ending}' images found (expected nnU-Net naming CASE_0000{file_ending})")
+    cases: dict[str, list[str]] = {}
+    for f in files:
+        stem = f.name[: -len(file_ending)]
+        if len(stem) < 6 or stem[-5] != "_" or not stem[-4:].isdigit():
+            raise ValueError(f"{f}: name does not follow nnU-Net's CASE_XXXX{file_ending} channel naming")
+        cases.setdefault(stem[:-5], []).append(str(f))
+    for case, chans in cases.items():
+        idx = [int(Path(c).name[: -len(file_ending)][-4:]) for c in chans]
+        if idx != list(range(len(chans))):
+            raise ValueError(f"{folder}: case {case} has channels {idx}; expected 0..{len(chans) - 1} without gaps")
+    return cases
+
+
+def resolve_member(spec: CollectionSpec, dataset: str | int | None, supports_auto: bool, trainer: str) -> int | None:
+    """Member index for ``--dataset`` (None means 'auto')."""
+    if dataset is None:
+        if len(spec.members) == 1:
+            return 0
+        raise ValueError(
+            f"collection {spec.name} has {len(spec.members)} members: give --dataset "
+            f"({', '.join(str(m.dataset_id) for m in spec.members)})"
+            + (" or --dataset auto" if supports_auto else "")
+        )
+    if str(dataset) == "auto":
+        if not supports_auto:
+            raise ValueError(
+                f"{trainer} cannot infer the dataset of an image: give --dataset "
+                f"({', '.join(str(m.dataset_id) for m in spec.members)}); --dataset auto needs a trainer that "
+                f"predicts the domain (UHarmonyTrainer, HermesTrainer)"
+            )
+        return None
+    key = int(dataset) if str(dataset).isdigit() else dataset
+    return spec.member_index(key)
+
+
+def predict_folder(predictor, input_folder: str | Path, output_folder: str | Path, dataset: str | int | None = None,
+                   save_probabilities: bool = False, tasks: Sequence[str] | None = None,
+                   overwrite: bool = True) -> dict[str, dict]:
+    """Predict every case of ``input_folder`` into ``output_folder``; returns per-case info (member used)."""
+    spec = predictor.spec
+    trainer_class = predictor.trainer_class
+    member_index = resolve_member(spec, dataset, getattr(trainer_class, "supports_auto_dataset", False),
+                                  trainer_class.__name__)
+    endings = {m.file_ending for m in spec.members}
+    ending = spec.members[member_index].file_ending if member_index is not None else sorted(endings)[0]
+    cases = list_cases(input_folder, ending)
+    task_ids = None
+    if tasks:
+        unknown = [t for t in tasks if t not in spec.tasks]
+        if unknown:
+            raise ValueError(f"--tasks: {unknown} are not tasks of collection {spec.name} ({spec.tasks})")
+        task_ids = [spec.tasks.index(t) for t in tasks]
+    if member_index is not None:
+        n = len(spec.members[member_index].channels)
+        bad = {c: len(f) for c, f in cases.items() if len(f) != n}
+        if bad:
+            c, k = next(iter(bad.items()))
+            raise ValueError(f"{input_folder}: case {c} has {k} channel file(s) but dataset "
+                             f"{spec.members[member_index].dataset_name} expects {n} ({spec.members[member_index].channels})")
+    out = Path(output_folder)
+    out.mkdir(parents=True, exist_ok=True)
+    info: dict[str, dict] = {}
+    for case, files in tqdm(cases.items(), desc="predicting", unit="case"):
+        target = out / (case + ending)
+        if not overwrite and target.is_file():
+            continue
+        if member_index is None:
+            idx, extra = trainer_class.infer_member(predictor, files)
+        else:
+            idx, extra = member_index, {}
+        predictor.predict_case(files, idx, str(out / case), save_probabilities, task_ids)
+        info[case] = {"dataset": spec.members[idx].dataset_name, "domain": spec.members[idx].domain, **extra}
+    if member_index is None:
+        save_json_atomic(info, out / "predicted_datasets.json")
+    save_json_atomic({"collection": spec.name, "trainer": trainer_class.__name__,
+                      "dataset": dataset if dataset is not None else spec.members[0].dataset_name,
+                      "tasks": list(tasks) if tasks else None}, out / "predict_args.json")
+    return info

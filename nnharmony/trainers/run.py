@@ -1,0 +1,180 @@
+"""Start a training: one process, several processes with torch DDP (``-num_gpus``), or under ``torchrun``.
+
+Trainers that are ``nnHarmonyTrainer`` subclasses train one model on the whole collection. Any other
+nnU-Net trainer (``nnUNetTrainer`` or a user's) is the per-dataset paradigm: it trains one plain nnU-Net per
+member on that member's own plans and ``splits_final.json`` -- the same folds the collection uses -- so every
+paradigm is compared on the same data.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from nnharmony.data.collection import CollectionError, CollectionSpec
+from nnharmony.paths import COLLECTION_SPEC_FILE, collection_dir, joint_plans_path, preprocessed_dir
+from nnharmony.utils.find_class import find_trainer_class
+from nnharmony.utils.io import load_json
+
+
+@dataclass
+class TrainingOptions:
+    collection: str
+    configuration: str
+    fold: int | str
+    trainer: str = "nnHarmonyTrainer"
+    plans: str = "nnHarmonyPlans"
+    device: str = "cuda"
+    num_gpus: int = 1
+    continue_training: bool = False
+    validation_only: bool = False
+    epochs: int | None = None
+    iterations_per_epoch: int | None = None
+    val_iterations_per_epoch: int | None = None
+    save_every: int | None = None
+    disable_checkpointing: bool = False
+    npz: bool = False
+    pretrained_weights: str | None = None
+    trainer_options: dict = field(default_factory=dict)
+
+
+def _fold(value) -> int | str:
+    return value if value == "all" else int(value)
+
+
+def load_collection(name: str, plans: str) -> tuple[CollectionSpec, dict, dict]:
+    """Spec, joint plans and collection dataset.json, with an error that says what to run if missing."""
+    spec_file = collection_dir(name) / COLLECTION_SPEC_FILE
+    plans_file = joint_plans_path(name, plans)
+    if not spec_file.is_file() or not plans_file.is_file():
+        raise CollectionError(
+            f"collection {name} was not planned: {spec_file if not spec_file.is_file() else plans_file} is missing; "
+            f"run nnharmony_plan_and_preprocess -d ... -n {name} first"
+        )
+    spec = CollectionSpec.load(spec_file)
+    return spec, load_json(plans_file), load_json(collection_dir(name) / "dataset.json")
+
+
+def _apply_options(trainer, opts: TrainingOptions) -> None:
+    if opts.epochs is not None:
+        trainer.num_epochs = opts.epochs
+    if opts.iterations_per_epoch is not None:
+        trainer.num_iterations_per_epoch = opts.iterations_per_epoch
+    if opts.val_iterations_per_epoch is not None:
+        trainer.num_val_iterations_per_epoch = opts.val_iterations_per_epoch
+    if opts.save_every is not None:
+        trainer.save_every = opts.save_every
+    trainer.disable_checkpointing = opts.disable_checkpointing
+    for k, v in opts.trainer_options.items():
+        if not hasattr(trainer, k):
+            raise ValueError(f"trainer {type(trainer).__name__} has no option {k!r}")
+        setattr(trainer, k, v)
+
+
+def _maybe_load(trainer, opts: TrainingOptions) -> None:
+    from nnunetv2.run.run_training import maybe_load_checkpoint
+
+    maybe_load_checkpoint(trainer, opts.continue_training, opts.validation_only, opts.pretrained_weights)
+
+
+def _run_one(trainer, opts: TrainingOptions) -> None:
+    _apply_options(trainer, opts)
+    _maybe_load(trainer, opts)
+    if not opts.validation_only:
+        trainer.run_training()
+    trainer.perform_actual_validation(opts.npz)
+
+
+def _device(opts: TrainingOptions, rank: int = 0) -> torch.device:
+    if opts.device == "cpu":
+        torch.set_num_threads(max(1, multiprocessing.cpu_count() // max(1, opts.num_gpus)))
+        return torch.device("cpu")
+    if opts.device == "mps":
+        return torch.device("mps")
+    if not torch.cuda.is_available():
+        raise ValueError("-device cuda was requested but no CUDA device is available; use -device cpu")
+    torch.set_num_threads(1)
+    return torch.device("cuda", rank)
+
+
+def build_trainer(opts: TrainingOptions, device: torch.device):
+    """The collection trainer, ready for ``run_training`` (not initialized)."""
+    from nnharmony.trainers.nnharmony_trainer import nnHarmonyTrainer
+
+    cls = find_trainer_class(opts.trainer)
+    if not issubclass(cls, nnHarmonyTrainer):
+        raise ValueError(f"{opts.trainer} is not a collection trainer")
+    spec, plans, dataset_json = load_collection(opts.collection, opts.plans)
+    plans = dict(plans)
+    plans["continue_training"] = opts.continue_training
+    if opts.configuration not in plans["configurations"]:
+        raise CollectionError(f"collection {opts.collection} has no configuration {opts.configuration!r} in its joint "
+                              f"plans (planned: {sorted(plans['configurations'])})")
+    return cls(plans, opts.configuration, _fold(opts.fold), dataset_json, device)
+
+
+def run_per_dataset(opts: TrainingOptions, cls: type) -> None:
+    """Per-dataset paradigm: plain nnU-Net training of ``cls`` on every member with the member's own plans."""
+    spec, joint, _ = load_collection(opts.collection, opts.plans)
+    device = _device(opts)
+    ident = joint["nnharmony"]["member_plans_identifier"]
+    for m in spec.members:
+        plans = load_json(preprocessed_dir() / m.dataset_name / f"{ident}.json")
+        plans["continue_training"] = opts.continue_training
+        dj = load_json(preprocessed_dir() / m.dataset_name / "dataset.json")
+        trainer = cls(plans, opts.configuration, _fold(opts.fold), dj, device)
+        _run_one(trainer, opts)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, opts: TrainingOptions, world_size: int) -> None:
+    backend = "nccl" if opts.device == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    try:
+        device = _device(opts, rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        _run_one(build_trainer(opts, device), opts)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_training(opts: TrainingOptions) -> None:
+    from nnharmony.trainers.nnharmony_trainer import nnHarmonyTrainer
+
+    cls = find_trainer_class(opts.trainer)
+    if not issubclass(cls, nnHarmonyTrainer):
+        if opts.num_gpus > 1:
+            raise ValueError("-num_gpus > 1 is for collection trainers; run nnUNetv2_train per dataset instead")
+        return run_per_dataset(opts, cls)
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # launched by torchrun (single or multi node): one process per GPU, rendezvous from the environment
+        backend = "nccl" if opts.device == "cuda" else "gloo"
+        dist.init_process_group(backend)
+        try:
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            device = _device(opts, local_rank)
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            _run_one(build_trainer(opts, device), opts)
+        finally:
+            dist.destroy_process_group()
+        return
+    if opts.num_gpus > 1:
+        if opts.device == "cuda" and torch.cuda.device_count() < opts.num_gpus:
+            raise ValueError(f"-num_gpus {opts.num_gpus} but only {torch.cuda.device_count()} CUDA devices are visible")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        torch.multiprocessing.spawn(_ddp_worker, args=(opts, opts.num_gpus), nprocs=opts.num_gpus, join=True)
+        return
+    _run_one(build_trainer(opts, _device(opts)), opts)

@@ -1,0 +1,46 @@
+"""Final validation of a collection model: every member's validation cases, predicted with the member's own
+plans and label values, evaluated against the member's ground truth (nnU-Net's ``gt_segmentations``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from nnharmony.paths import preprocessed_dir
+
+
+def validate_members(trainer, save_probabilities: bool = False) -> dict[str, dict]:
+    """Writes ``<fold>/validation/<DatasetXXX_Name>/`` predictions + ``summary.json``; returns the summaries."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    from nnharmony.data.splits import collection_fold
+    from nnharmony.evaluation.evaluate import evaluate_folder
+    from nnharmony.inference.predictor import CollectionPredictor
+
+    predictor = CollectionPredictor(
+        trainer.spec, trainer.plans_manager.plans, trainer.configuration_name, type(trainer),
+        [trainer.unwrapped_network().state_dict()], trainer.device,
+        inference_allowed_mirroring_axes=trainer.inference_allowed_mirroring_axes)
+    summaries = {}
+    folds = collection_fold(trainer.spec, trainer.fold)
+    for member_index, (_, val_ids) in folds.items():
+        ctx = predictor.member_context(member_index)
+        m = ctx.member
+        out_dir = Path(trainer.output_folder) / "validation" / m.dataset_name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        data_folder = preprocessed_dir() / m.dataset_name / ctx.configuration_manager.data_identifier
+        dataset = infer_dataset_class(str(data_folder))(str(data_folder), list(val_ids))
+        trainer.print_to_log_file(f"validating {m.dataset_name}: {len(val_ids)} cases")
+        for key in val_ids:
+            data, _, _, props = dataset.load_case(key)
+            full = torch.zeros((trainer.spec.num_modalities, *data.shape[1:]), dtype=torch.float32)
+            for ch, slot in enumerate(ctx.slots):
+                full[slot] = torch.from_numpy(data[ch][:])
+            logits = predictor.predict_logits(full, member_index)
+            predictor.export(logits, props, ctx, str(out_dir / key), save_probabilities)
+        summaries[m.dataset_name] = evaluate_folder(
+            str(preprocessed_dir() / m.dataset_name / "gt_segmentations"), str(out_dir), m.labels,
+            file_ending=m.file_ending, output_folder=str(out_dir), member_name=m.dataset_name)
+        fg = summaries[m.dataset_name].get("foreground_mean", {}).get("Dice")
+        trainer.print_to_log_file(f"{m.dataset_name}: mean validation Dice {fg}")
+    return summaries
