@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ncollection {spec.name}: {len(spec.members)} members, modalities {spec.modalities}, "
           f"{spec.num_tasks} global tasks {spec.tasks}")
     for c, cfg in joint["configurations"].items():
-        print(f"  {c}: shared patch {cfg['patch_size']}, batch {cfg['batch_size']}, "
+        print(f"  {c}: shared patch {[int(x) for x in cfg['patch_size']]}, batch {cfg['batch_size']}, "
               f"{cfg['architecture']['arch_kwargs']['n_stages']} stages")
 
 

@@ -83,9 +83,12 @@ def reconcile_configuration(
         raise CollectionError(f"collection {spec.name}: members of different dimensionality in '{configuration}'")
     ref_spacing = np.median(spacings, axis=0)
     ref_shape = np.max(shapes, axis=0)
-    n_voxels = 0.0
+    n_voxels = 0.0  # whole images, as nnU-Net counts them for every configuration (2d included)
     for m in spec.members:
-        n_voxels += float(np.prod(cfgs[m.dataset_id]["median_image_size_in_voxels"])) * m.num_training
+        plans = member_plans[m.dataset_id]
+        full = plans["configurations"].get("3d_fullres", {}).get("median_image_size_in_voxels",
+                                                                 plans["original_median_shape_after_transp"])
+        n_voxels += float(np.prod(full, dtype=np.float64)) * m.num_training
     planned = planner.get_plans_for_configuration(
         ref_spacing, ref_shape, f"{JOINT_PLANS_NAME}_{configuration}", n_voxels, {}
     )

@@ -23,10 +23,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
+def _json_default(o: Any) -> Any:
+    """numpy scalars/arrays (as nnU-Net's planners produce them) become plain JSON values."""
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
+
+
 def save_json_atomic(obj: Any, path: str | os.PathLike, indent: int = 2) -> None:
     def _write(tmp: str) -> None:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=indent, sort_keys=False)
+            json.dump(obj, f, indent=indent, sort_keys=False, default=_json_default)
             f.write("\n")
 
     atomic_write(path, _write)
