@@ -8,18 +8,17 @@ from typing import Callable, Iterable
 
 
 def exit_on_user_error(main: Callable) -> Callable:
-    """Turn the errors that describe bad input (ValueError, FileNotFoundError, KeyError) into one clear line
+    """Turn the errors that describe bad input (ValueError, FileNotFoundError) into one clear line
     on stderr and exit status 2, instead of a traceback. ``NNHARMONY_DEBUG=1`` shows the traceback."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except (ValueError, FileNotFoundError, KeyError) as e:
+        except (ValueError, FileNotFoundError) as e:
             if os.environ.get("NNHARMONY_DEBUG"):
                 raise
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-            print(f"error: {msg}", file=sys.stderr)
+            print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

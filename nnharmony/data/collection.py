@@ -91,7 +91,7 @@ class CollectionSpec:
         for m in self.members:
             if dataset in (m.dataset_id, m.dataset_name, str(m.dataset_id)):
                 return m
-        raise KeyError(
+        raise CollectionError(
             f"dataset {dataset!r} is not a member of collection {self.name} "
             f"(members: {', '.join(m.dataset_name for m in self.members)})"
         )
@@ -107,7 +107,7 @@ class CollectionSpec:
         for i, m in enumerate(self.modalities):
             if fold_name(m) == key:
                 return i
-        raise KeyError(f"modality {modality!r} is not in collection {self.name}'s vocabulary {self.modalities}")
+        raise CollectionError(f"modality {modality!r} is not in collection {self.name}'s vocabulary {self.modalities}")
 
     def channel_slots(self, dataset: int | str) -> list[int]:
         """Collection channel slot of each of the member's input channels."""

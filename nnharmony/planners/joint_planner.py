@@ -20,6 +20,8 @@ nnU-Net pads small images; a member with anisotropic spacing sees the reference 
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from copy import deepcopy
 from typing import Any, Sequence, Type
 
@@ -37,6 +39,20 @@ def joint_plans_identifier(member_plans_identifier: str) -> str:
     if member_plans_identifier.startswith("nnUNet"):
         return "nnHarmony" + member_plans_identifier[len("nnUNet"):]
     return "nnHarmony_" + member_plans_identifier
+
+
+@contextlib.contextmanager
+def planner_threads():
+    """nnU-Net's planner calls ``torch.set_num_threads(get_allowed_n_proc_DA())``, which fails when
+    ``nnUNet_n_proc_DA=0`` (single-threaded augmentation); plan with at least one thread."""
+    old = os.environ.get("nnUNet_n_proc_DA")
+    if old is not None and old.strip() == "0":
+        os.environ["nnUNet_n_proc_DA"] = "1"
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ["nnUNet_n_proc_DA"] = old
 
 
 def load_member_plans(spec: CollectionSpec, plans_identifier: str) -> dict[int, dict]:
@@ -92,6 +108,7 @@ def reconcile_configuration(
     planned = planner.get_plans_for_configuration(
         ref_spacing, ref_shape, f"{JOINT_PLANS_NAME}_{configuration}", n_voxels, {}
     )
+    planned["batch_dice"] = True  # nnU-Net's choice for 2d and 3d_fullres
     planned["normalization_schemes"] = _per_modality(spec, member_plans, configuration, "normalization_schemes", "ZScoreNormalization")
     planned["use_mask_for_norm"] = _per_modality(spec, member_plans, configuration, "use_mask_for_norm", False)
     record = {
@@ -150,7 +167,8 @@ def build_joint_plans(
                 f"configuration {configuration!r} is not supported for joint training "
                 f"(supported: {', '.join(SUPPORTED_CONFIGURATIONS)})"
             )
-        planned, record = reconcile_configuration(spec, member_plans, configuration, planner)
+        with planner_threads():
+            planned, record = reconcile_configuration(spec, member_plans, configuration, planner)
         joint["configurations"][configuration] = planned
         joint["nnharmony"]["reconciliation"][configuration] = record
     for m in spec.members:

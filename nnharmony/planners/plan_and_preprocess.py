@@ -15,7 +15,7 @@ from tqdm import tqdm
 from nnharmony.data.collection import CollectionError, CollectionSpec, build_collection_spec
 from nnharmony.paths import (COLLECTION_SPEC_FILE, collection_dir, find_dataset_folder, preprocessed_dir,
                              raw_dir)
-from nnharmony.planners.joint_planner import build_joint_plans, joint_plans_identifier
+from nnharmony.planners.joint_planner import build_joint_plans, joint_plans_identifier, planner_threads
 from nnharmony.utils.find_class import find_planner_class
 from nnharmony.utils.io import load_json, save_json_atomic
 
@@ -72,7 +72,8 @@ def prepare_members(
         planner = planner_class(did, **kwargs)
         plans_identifier = planner.plans_identifier
         if clean or not (pre / f"{plans_identifier}.json").is_file():
-            plan_experiment_dataset(did, planner_class, gpu_memory_target_in_gb)
+            with planner_threads():
+                plan_experiment_dataset(did, planner_class, gpu_memory_target_in_gb)
         n_train = int(load_json(folder / "dataset.json")["numTraining"])
         todo = [c for c in configurations if clean or not _member_is_preprocessed(folder.name, plans_identifier, c, n_train)]
         if todo:

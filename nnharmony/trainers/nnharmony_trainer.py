@@ -80,11 +80,14 @@ class nnHarmonyTrainer(nnUNetTrainer):
         from nnharmony.data.loader import build_mixed_dataloaders
 
         world = dist.get_world_size() if self.is_ddp else 1
+        # also sets self.inference_allowed_mirroring_axes, as in nnU-Net's get_dataloaders
+        da_params = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         return build_mixed_dataloaders(
             self.spec, self.plans_manager.plans, self.configuration_name, self.fold, self.batch_size,
             self._get_deep_supervision_scales(), seed=self.sampling_seed, rank=self.local_rank, world_size=world,
             oversample_foreground_percent=self.oversample_foreground_percent,
             plans_identifier=self.plans_manager.plans["nnharmony"]["member_plans_identifier"],
+            da_params=da_params, trainer_class=type(self), pin_memory=self.device.type == "cuda",
         )
 
     def initialize(self):

@@ -22,7 +22,11 @@ def validate_members(trainer, save_probabilities: bool = False) -> dict[str, dic
         [trainer.unwrapped_network().state_dict()], trainer.device,
         inference_allowed_mirroring_axes=trainer.inference_allowed_mirroring_axes)
     summaries = {}
-    folds = collection_fold(trainer.spec, trainer.fold)
+    joint = trainer.plans_manager.plans["nnharmony"]
+    data_ids = {i: joint["member_plans"][str(m.dataset_id)]["configurations"][trainer.configuration_name]["data_identifier"]
+                for i, m in enumerate(trainer.spec.members)}
+    folds = collection_fold(trainer.spec, trainer.fold, trainer.configuration_name, joint["member_plans_identifier"],
+                            data_identifiers=data_ids)
     for member_index, (_, val_ids) in folds.items():
         ctx = predictor.member_context(member_index)
         m = ctx.member
