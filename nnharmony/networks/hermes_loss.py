@@ -1,0 +1,121 @@
+"""Hermes loss (METHODS.md B.6): masked BCE + adaptive (Tversky-style) Dice per task + 0.01 x modality CE.
+
+Shapes: ``logits`` and ``target`` ``(B, T, *sp)`` (target float multi-hot, in the network's per-sample task
+layout, see :func:`nnharmony.networks.hermes.gather_tasks`), ``task_mask`` bool ``(B, T)`` = the (sample, task)
+pairs that are supervised (annotated and not padding). Only those pairs are ever read: they are selected
+*before* any arithmetic, so padded / unannotated channels cannot influence the loss or its gradient, not even
+through NaN/inf values. Both terms are computed in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["masked_bce", "adaptive_dice", "HermesLoss"]
+
+
+def _select(logits: torch.Tensor, target: torch.Tensor, task_mask: torch.Tensor):
+    if logits.shape != target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ")
+    if task_mask.shape != logits.shape[:2]:
+        raise ValueError(f"task_mask {tuple(task_mask.shape)} must be (B, T) = {tuple(logits.shape[:2])}")
+    mask = task_mask.to(device=logits.device, dtype=torch.bool)
+    # (K, N): only the supervised (sample, task) pairs, voxels flattened
+    return logits[mask].flatten(1).float(), target[mask].flatten(1).float()
+
+
+def _zero(logits: torch.Tensor) -> torch.Tensor:
+    """A zero connected to the graph that does not read any value of ``logits`` (no NaN propagation)."""
+    return logits.flatten()[:0].float().sum()
+
+
+def masked_bce(logits: torch.Tensor, target: torch.Tensor, task_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over supervised (sample, task) pairs of the voxel-mean BCE-with-logits; 0 when none."""
+    lg, tg = _select(logits, target, task_mask)
+    if lg.shape[0] == 0:
+        return _zero(logits)
+    return F.binary_cross_entropy_with_logits(lg, tg, reduction="none").mean(dim=1).mean()
+
+
+def adaptive_dice(logits: torch.Tensor, target: torch.Tensor, task_mask: torch.Tensor,
+                  smooth: float = 1e-6, alpha_range=(0.2, 0.8)) -> torch.Tensor:
+    """Tversky-style soft Dice loss with adaptive weights, per supervised (sample, task) pair::
+
+        p = sigmoid(logits); TP = sum p*y; FP = sum p*(1-y); FN = sum (1-p)*y
+        alpha = clamp(FP / (FP + FN + smooth), 0.2, 0.8); beta = 1 - alpha
+        loss = 1 - TP / (TP + alpha*FP + beta*FN + smooth)
+
+    averaged over the supervised pairs only (0 when none). As in the official code, alpha is not detached.
+    """
+    lg, tg = _select(logits, target, task_mask)
+    if lg.shape[0] == 0:
+        return _zero(logits)
+    p = torch.sigmoid(lg)
+    tp = (p * tg).sum(1)
+    fp = (p * (1 - tg)).sum(1)
+    fn = ((1 - p) * tg).sum(1)
+    alpha = (fp / (fp + fn + smooth)).clamp(*alpha_range)
+    dice = tp / (tp + alpha * fp + (1 - alpha) * fn + smooth)
+    return (1 - dice).mean()
+
+
+class HermesLoss(nn.Module):
+    """``bce_weight * BCE + dice_weight * Dice`` (summed over deep-supervision scales with ``ds_weights``)
+    ``+ mod_weight * CE(modality_logits, modality_id, ignore_index=-1)``.
+
+    ``forward(seg, target, task_mask, modality_logits=None, modality_id=None)``: ``seg``/``target`` a tensor
+    ``(B, T, *sp)`` or lists over DS scales (highest resolution first, same length). ``ds_weights=None`` uses
+    nnU-Net's ``1/2**i`` normalised to sum 1 (the lowest scale is *not* zeroed, so every prototype projection
+    gets a gradient, which DDP needs). The detached terms of the last call (tensors, no device sync) are in
+    ``self.last_terms``.
+    """
+
+    def __init__(self, mod_weight: float = 0.01, bce_weight: float = 1.0, dice_weight: float = 1.0,
+                 ds_weights: Optional[Sequence[float]] = None, smooth: float = 1e-6):
+        super().__init__()
+        self.mod_weight, self.bce_weight, self.dice_weight = float(mod_weight), float(bce_weight), float(dice_weight)
+        self.ds_weights = None if ds_weights is None else [float(w) for w in ds_weights]
+        self.smooth = smooth
+        self.last_terms: Dict[str, torch.Tensor] = {}
+
+    def _weights(self, n: int) -> List[float]:
+        if self.ds_weights is not None:
+            if len(self.ds_weights) < n:
+                raise ValueError(f"{n} DS outputs but only {len(self.ds_weights)} ds_weights")
+            return self.ds_weights[:n]
+        w = [1 / 2 ** i for i in range(n)]
+        return [x / sum(w) for x in w]
+
+    def forward(self, seg: Union[torch.Tensor, Sequence[torch.Tensor]],
+                target: Union[torch.Tensor, Sequence[torch.Tensor]], task_mask: torch.Tensor,
+                modality_logits: Optional[torch.Tensor] = None,
+                modality_id: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if isinstance(seg, torch.Tensor):
+            seg, target = [seg], [target if isinstance(target, torch.Tensor) else target[0]]
+        if isinstance(target, torch.Tensor) or len(target) != len(seg):
+            raise ValueError("with deep supervision, seg and target must be lists of the same length")
+        bce = dice = None
+        for w, lg, tg in zip(self._weights(len(seg)), seg, target):
+            if w == 0:
+                continue
+            b, d = masked_bce(lg, tg, task_mask), adaptive_dice(lg, tg, task_mask, self.smooth)
+            bce = w * b if bce is None else bce + w * b
+            dice = w * d if dice is None else dice + w * d
+        if bce is None:
+            bce = dice = _zero(seg[0])
+        total = self.bce_weight * bce + self.dice_weight * dice
+        mod = None
+        if modality_logits is not None and modality_id is not None and self.mod_weight:
+            mid = modality_id.to(device=modality_logits.device, dtype=torch.long)
+            if bool((mid >= 0).any()):
+                mod = F.cross_entropy(modality_logits.float(), mid, ignore_index=-1)
+            else:
+                mod = _zero(modality_logits)
+            total = total + self.mod_weight * mod
+        self.last_terms = {"bce": bce.detach(), "dice": dice.detach(),
+                           **({"mod": mod.detach()} if mod is not None else {})}
+        return total
