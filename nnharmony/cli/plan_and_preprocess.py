@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling", default="sqrt", choices=["uniform", "proportional", "sqrt", "temperature", "explicit"],
                    help="how the member of each training sample is drawn (see README)")
     p.add_argument("--temperature", type=float, default=0.5, help="tau of the 'temperature' sampling scheme")
+    p.add_argument("--extends", default=None, metavar="COLLECTION",
+                   help="this collection extends COLLECTION (new members, modalities, tasks) so that models trained on "
+                        "it can be adapted with nnharmony_adapt: ids and network configuration are kept")
     p.add_argument("--clean", action="store_true", help="redo every step and replace an existing collection")
     p.add_argument("--verbose", action="store_true")
     return p
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     spec, joint = plan_and_preprocess_collection(
         [int(d) if str(d).isdigit() else d for d in args.d], args.name, args.c, args.pl, args.gpu_memory_target,
-        nproc, args.clean, args.spec, spec_options, args.verbose,
+        nproc, args.clean, args.spec, spec_options, args.verbose, args.extends,
     )
     print(f"\ncollection {spec.name}: {len(spec.members)} members, modalities {spec.modalities}, "
           f"{spec.num_tasks} global tasks {spec.tasks}")

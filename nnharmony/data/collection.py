@@ -290,6 +290,7 @@ def build_collection_spec(
     modality_aliases: Mapping[str, str] | None = None,
     task_aliases: Mapping[str, str] | None = None,
     sampling: Mapping[str, Any] | None = None,
+    base: "CollectionSpec | None" = None,
 ) -> CollectionSpec:
     """Generate a spec from members' dataset.json files.
 
@@ -298,12 +299,23 @@ def build_collection_spec(
     channel's name (case-folded) is its modality.
     ``task_aliases``: ``"DatasetXXX_Name:label"`` or ``"label"`` -> global task name, to merge differently named
     structures or to keep same-named ones apart.
+    ``base``: a collection this one extends (model adaptation): its modalities, tasks and domains keep their
+    ids (they come first, in the same order) and its members must all be listed.
     """
     modality_aliases = {fold_name(k): v for k, v in (modality_aliases or {}).items()}
     task_aliases = dict(task_aliases or {})
-    modalities: list[str] = []
-    tasks: list[str] = []
+    modalities: list[str] = list(base.modalities) if base else []
+    tasks: list[str] = list(base.tasks) if base else []
     members: list[Member] = []
+    dataset_ids = list(dataset_ids)
+    if base is not None:
+        listed = {find_dataset_folder(d, raw_root).name for d in dataset_ids}
+        missing = [m.dataset_name for m in base.members if m.dataset_name not in listed]
+        if missing:
+            raise CollectionError(f"collection {name} extends {base.name} but does not list its members {missing}")
+        old = [m.dataset_id for m in base.members]
+        dataset_ids = old + [d for d in dataset_ids if find_dataset_folder(d, raw_root).name not in
+                             {m.dataset_name for m in base.members}]
     for did in dataset_ids:
         folder = find_dataset_folder(did, raw_root)
         djf = folder / "dataset.json"
@@ -345,6 +357,8 @@ def build_collection_spec(
             member_tasks.append(MemberTask(label, values, gname))
         dataset_id = int(folder.name[len("Dataset"):].split("_")[0])
         domain = (domains or {}).get(dataset_id, folder.name)
+        if base is not None and any(m.dataset_id == dataset_id for m in base.members):
+            domain = base.member(dataset_id).domain
         members.append(
             Member(
                 dataset_id=dataset_id,
@@ -358,7 +372,7 @@ def build_collection_spec(
                 regions_class_order=list(rco) if rco is not None else None,
             )
         )
-    domain_list: list[str] = []
+    domain_list: list[str] = list(base.domains) if base else []
     for m in members:
         if m.domain not in domain_list:
             domain_list.append(m.domain)
@@ -371,4 +385,22 @@ def build_collection_spec(
         sampling=dict(sampling or {"scheme": "sqrt", "temperature": 0.5}),
     )
     spec.validate(f"collection {name}")
+    if base is not None:
+        base_member_tasks = {m.dataset_id: m.tasks for m in base.members}
+        for m in spec.members:
+            if m.dataset_id in base_member_tasks and m.tasks != base_member_tasks[m.dataset_id]:
+                raise CollectionError(f"collection {name}: member {m.dataset_name} has other labels than in {base.name}")
     return spec
+
+
+def check_extends(new: CollectionSpec, old: CollectionSpec) -> None:
+    """A model trained on ``old`` can be adapted to ``new`` only if ids of modalities, tasks and domains are kept."""
+    for what in ("modalities", "tasks", "domains"):
+        a, b = getattr(old, what), getattr(new, what)
+        if b[: len(a)] != a:
+            raise CollectionError(f"collection {new.name} does not extend {old.name}: its {what} {b} do not start "
+                                  f"with {a} (plan it with --extends {old.name})")
+    names = {m.dataset_name for m in new.members}
+    missing = [m.dataset_name for m in old.members if m.dataset_name not in names]
+    if missing:
+        raise CollectionError(f"collection {new.name} does not extend {old.name}: members {missing} are missing")

@@ -93,9 +93,12 @@ def plan_and_preprocess_collection(
     spec_file: str | Path | None = None,
     spec_options: Mapping[str, Any] | None = None,
     verbose: bool = False,
+    extends: str | None = None,
 ) -> tuple[CollectionSpec, dict]:
     """The whole command. ``spec_file``: a hand-written spec to use instead of a generated one.
-    ``spec_options``: keyword arguments of ``build_collection_spec`` (domains, merge_by_name, aliases...)."""
+    ``spec_options``: keyword arguments of ``build_collection_spec`` (domains, merge_by_name, aliases...).
+    ``extends``: an existing collection whose trained models will be adapted to this one: its modality, task
+    and domain ids are kept and its joint network configuration (topology, patch, batch) is reused."""
     if not dataset_ids and spec_file is None:
         raise CollectionError("give the member datasets (-d) or a collection spec (--spec)")
     target = collection_dir(name)
@@ -128,15 +131,31 @@ def plan_and_preprocess_collection(
     plans_identifier = prepare_members(
         ids, configurations, planner_name, gpu_memory_target_in_gb, num_processes, clean, verbose
     )
+    base = base_joint = None
+    if extends is not None:
+        from nnharmony.data.collection import check_extends
+        from nnharmony.paths import joint_plans_path
+
+        base = CollectionSpec.load(collection_dir(extends) / COLLECTION_SPEC_FILE)
+        base_joint = load_json(joint_plans_path(extends, joint_plans_identifier(plans_identifier)))
     if user_spec is not None:
         spec = user_spec
     elif existing is not None and not clean:
         spec = existing  # keep the user's edits of an existing spec
     else:
-        spec = build_collection_spec(name, ids, raw_root=raw_dir(), **dict(spec_options or {}))
+        spec = build_collection_spec(name, ids, raw_root=raw_dir(), base=base, **dict(spec_options or {}))
     spec.validate(str(existing_spec_file))
+    if base is not None:
+        check_extends(spec, base)
     joint = build_joint_plans(spec, configurations, find_planner_class(planner_name), plans_identifier,
                               gpu_memory_target_in_gb)
+    if base_joint is not None:
+        # a model of the base collection must fit: same topology, patch and batch as the base's joint plan
+        for c in configurations:
+            if c not in base_joint["configurations"]:
+                raise CollectionError(f"collection {extends} has no '{c}' configuration to extend")
+            joint["configurations"][c] = base_joint["configurations"][c]
+        joint["nnharmony"]["extends"] = extends
     if clean and target.exists() and existing is None:
         shutil.rmtree(target)
     target.mkdir(parents=True, exist_ok=True)

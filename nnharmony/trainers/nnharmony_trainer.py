@@ -51,6 +51,11 @@ class nnHarmonyTrainer(nnUNetTrainer):
         self.label_manager = sigmoid_label_manager(dataset_json)
         self.spec = load_collection_spec(self.plans_manager.plans)
         self.sampling_seed = 12345
+        #: 'sgd' (nnU-Net: momentum 0.99, nesterov, lr 1e-2) or 'adamw' (lr ``adamw_lr``, weight decay 1e-2)
+        self.optimizer_name = "sgd"
+        self.adamw_lr = 1e-3
+        #: set by nnharmony_adapt: only ``adaptation_parameters`` are optimised
+        self.adaptation_mode = False
         # the preprocessed data live in the members' folders; point nnU-Net at the first one for its dataset class
         first = self.spec.members[0]
         member_cfg = self.plans_manager.plans["nnharmony"]["member_plans"][str(first.dataset_id)]["configurations"][
@@ -74,6 +79,37 @@ class nnHarmonyTrainer(nnUNetTrainer):
     def inference_condition(cls, spec: CollectionSpec, member_index: int) -> dict[str, Any]:
         """Conditioning the network needs to predict a case of a known member (none for the baseline)."""
         return {}
+
+    def configure_optimizers(self):
+        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+        params = (type(self).adaptation_parameters(self.unwrapped_network()) if self.adaptation_mode
+                  else self.network.parameters())
+        if self.optimizer_name == "sgd":
+            optimizer = torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
+                                        nesterov=True)
+            lr = self.initial_lr
+        elif self.optimizer_name == "adamw":
+            optimizer = torch.optim.AdamW(params, self.adamw_lr, weight_decay=1e-2)
+            lr = self.adamw_lr
+        else:
+            raise ValueError(f"optimizer_name must be 'sgd' or 'adamw', not {self.optimizer_name!r}")
+        return optimizer, PolyLRScheduler(optimizer, lr, self.num_epochs)
+
+    # ------------------------------------------------------------------ adaptation to an extended collection
+    @classmethod
+    def transfer_weights(cls, old_state: dict, old_spec: CollectionSpec, new_spec: CollectionSpec,
+                         network: torch.nn.Module) -> None:
+        """Load a model of ``old_spec`` into ``network`` built for ``new_spec`` (which extends it): see
+        ``nnharmony.trainers.adapt.transfer_state_dict``."""
+        from nnharmony.trainers.adapt import transfer_state_dict
+
+        network.load_state_dict(transfer_state_dict(old_state, network.state_dict(), old_spec, new_spec))
+
+    @classmethod
+    def adaptation_parameters(cls, network: torch.nn.Module) -> list:
+        """Parameters fine-tuned by nnharmony_adapt (the baseline: all of them)."""
+        return list(network.parameters())
 
     # ------------------------------------------------------------------ data
     def get_dataloaders(self):
