@@ -56,6 +56,9 @@ class nnHarmonyTrainer(nnUNetTrainer):
         self.adamw_lr = 1e-3
         #: set by nnharmony_adapt: only ``adaptation_parameters`` are optimised
         self.adaptation_mode = False
+        #: stop after the epoch in which this many minutes of training have passed (None: epochs decide)
+        self.wall_clock_budget_minutes: float | None = None
+        self._train_start_time: float | None = None
         # the preprocessed data live in the members' folders; point nnU-Net at the first one for its dataset class
         first = self.spec.members[0]
         member_cfg = self.plans_manager.plans["nnharmony"]["member_plans"][str(first.dataset_id)]["configurations"][
@@ -156,6 +159,29 @@ class nnHarmonyTrainer(nnUNetTrainer):
             self._save_debug_information()
         if self.is_ddp:
             dist.barrier()
+
+    def run_training(self):
+        """nnU-Net's loop, but re-reading ``num_epochs`` every epoch so a wall-clock budget can end it."""
+        import time
+
+        self.on_train_start()
+        self._train_start_time = time.time()
+        while self.current_epoch < self.num_epochs:
+            self.on_epoch_start()
+            self.on_train_epoch_start()
+            train_outputs = [self.train_step(next(self.dataloader_train)) for _ in range(self.num_iterations_per_epoch)]
+            self.on_train_epoch_end(train_outputs)
+            with torch.no_grad():
+                self.on_validation_epoch_start()
+                val_outputs = [self.validation_step(next(self.dataloader_val))
+                               for _ in range(self.num_val_iterations_per_epoch)]
+                self.on_validation_epoch_end(val_outputs)
+            self.on_epoch_end()
+            budget = self.wall_clock_budget_minutes
+            if budget is not None and time.time() - self._train_start_time > 60 * budget:
+                self.print_to_log_file(f"wall-clock budget of {budget} min reached after {self.current_epoch} epochs")
+                break
+        self.on_train_end()
 
     # ------------------------------------------------------------------ steps
     def _to_device(self, batch: dict):
