@@ -43,10 +43,12 @@ class nnHarmonyTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        if self.is_ddp and device.type == "cpu":
-            # nnU-Net assumes CUDA under DDP; nnharmony also runs DDP with gloo on CPU
-            self.device = torch.device("cpu")
-            self.grad_scaler = None
+        if self.is_ddp:
+            # nnU-Net uses cuda:<global rank> under DDP; keep the caller's device (cuda:<LOCAL_RANK> across nodes,
+            # or cpu with gloo)
+            self.device = device
+            if device.type != "cuda":
+                self.grad_scaler = None
         self.my_init_kwargs["device"] = self.device
         self.label_manager = sigmoid_label_manager(dataset_json)
         self.spec = load_collection_spec(self.plans_manager.plans)
@@ -129,17 +131,24 @@ class nnHarmonyTrainer(nnUNetTrainer):
             da_params=da_params, trainer_class=type(self), pin_memory=self.device.type == "cuda",
         )
 
+    #: networks with parameters that do not reach the loss every step (e.g. UniverSeg's last support conv)
+    ddp_find_unused_parameters = False
+
     def initialize(self):
-        if self.is_ddp and self.device.type == "cpu":
-            # nnU-Net wraps with device_ids=[rank], which DDP rejects for CPU modules
-            self.is_ddp = False
+        if not self.is_ddp:
+            return super().initialize()
+        # nnU-Net wraps with DDP(device_ids=[rank]): wrong for CPU modules and without find_unused_parameters;
+        # initialize as one process, then split the batch and wrap here
+        self.is_ddp = False
+        try:
             super().initialize()
+        finally:
             self.is_ddp = True
-            self.network = torch.nn.parallel.DistributedDataParallel(self.network)
-            # re-split the global batch across ranks exactly like nnU-Net does under DDP
-            self._set_batch_size_and_oversample()
-        else:
-            super().initialize()
+        self._set_batch_size_and_oversample()
+        self.network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.network)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.network = torch.nn.parallel.DistributedDataParallel(
+            self.network, device_ids=device_ids, find_unused_parameters=self.ddp_find_unused_parameters)
 
     def on_train_start(self):
         if not self.was_initialized:
