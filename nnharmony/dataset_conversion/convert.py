@@ -52,7 +52,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -92,12 +92,12 @@ LINK_MODES = ("copy", "hardlink", "symlink")
 
 # ---------------------------------------------------------------------------------------------- naming
 def _check_dataset_id(dataset_id: Any) -> int:
-    try:
+    if isinstance(dataset_id, (int, np.integer)) and not isinstance(dataset_id, bool):
         did = int(dataset_id)
-        if did != dataset_id and str(did) != str(dataset_id):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise CollectionError(f"dataset id must be an integer, got {dataset_id!r}") from None
+    elif isinstance(dataset_id, str) and dataset_id.strip().isdigit():
+        did = int(dataset_id)
+    else:
+        raise CollectionError(f"dataset id must be an integer, got {dataset_id!r}")
     if did < 1:
         raise CollectionError(f"dataset id must be >= 1, got {did}")
     return did
@@ -372,9 +372,10 @@ def _apply_lut(arr: np.ndarray, lut: Mapping[int, int], undeclared_to_background
         table[k] = v
     out = table[arr]
     if not undeclared_to_background:
-        known = np.zeros_like(table, dtype=bool)
+        known = np.zeros(table.shape, dtype=bool)
         known[list(lut)] = True
-        assert known[arr].all()
+        if not known[arr].all():  # checked in pass 1 already; a file changed while converting
+            raise CollectionError(f"label values {sorted(set(np.unique(arr[~known[arr]]).tolist()))} not declared")
     maxv = int(max(lut.values()) if lut else 0)
     return out.astype(np.uint8 if maxv <= 255 else np.uint16)
 

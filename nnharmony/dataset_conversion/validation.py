@@ -122,7 +122,11 @@ def resolve_dataset_folder(dataset: int | str | os.PathLike, raw_root: Path | No
     An unknown id raises CollectionError naming the id and the folder searched."""
     from nnharmony.paths import find_dataset_folder
 
-    if isinstance(dataset, os.PathLike) or (isinstance(dataset, str) and os.sep in dataset):
+    looks_like_path = isinstance(dataset, str) and (
+        os.sep in dataset
+        or (not dataset.strip().isdigit() and not dataset.startswith("Dataset") and Path(dataset).is_dir())
+    )
+    if isinstance(dataset, os.PathLike) or looks_like_path:
         folder = Path(dataset)
         if not folder.is_dir():
             raise CollectionError(f"dataset folder {folder} does not exist")
