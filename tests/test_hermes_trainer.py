@@ -359,3 +359,161 @@ def test_prior_analysis_matrices_and_files(tmp_path):
     for f in s["files"]["task"] + s["files"]["modality"]:
         assert (tmp_path / f).stat().st_size > 0
     assert (tmp_path / "task_prior_similarity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# end to end on the synthetic collection (CPU)
+# ----------------------------------------------------------------------------------------------------------
+QUICK = ["-device", "cpu", "--epochs", "1", "--iterations-per-epoch", "2", "--val-iterations-per-epoch", "1"]
+E2E_OPTIONS = {"hermes": {**SMALL, "tokens_per_modality": 4}}
+
+
+def _validation_cases(collection, member_index: int) -> list[str]:
+    from nnharmony.data.splits import collection_fold
+
+    return collection_fold(collection["spec"], 0, "3d_fullres")[member_index][1]
+
+
+def _input_folder(collection, member_index: int, dest: Path) -> list[str]:
+    import shutil
+
+    raw = collection["raw_folders"][member_index]
+    cases = _validation_cases(collection, member_index)
+    dest.mkdir(parents=True, exist_ok=True)
+    for c in cases:
+        for f in (raw / "imagesTr").glob(f"{c}_*.nii.gz"):
+            shutil.copy(f, dest / f.name)
+    return cases
+
+
+def _predict(collection, inp, out, *extra):
+    from nnharmony.cli import predict as predict_cli
+
+    predict_cli.main(["-i", str(inp), "-o", str(out), "-c", collection["name"], "-tr", "HermesTrainer", "-device",
+                      "cpu", "--disable_tta", *extra])
+
+
+@pytest.fixture(scope="module")
+def hermes_model(synthetic_collection):
+    from nnharmony.cli import train as train_cli
+
+    train_cli.main([synthetic_collection["name"], "3d_fullres", "0", "-tr", "HermesTrainer", *QUICK,
+                    "--trainer-options", json.dumps(E2E_OPTIONS)])
+    return Path(synthetic_collection["nnUNet_results"]) / synthetic_collection["name"] / \
+        "HermesTrainer__nnHarmonyPlans__3d_fullres"
+
+
+def test_hermes_end_to_end(hermes_model, synthetic_collection, tmp_path):
+    import SimpleITK as sitk
+
+    from nnharmony.cli import analyze_priors as analyze_cli
+    from nnharmony.cli import evaluate as evaluate_cli
+
+    spec = synthetic_collection["spec"]
+    fold = hermes_model / "fold_0"
+    ckpt = torch.load(fold / "checkpoint_final.pth", weights_only=True)
+    assert ckpt["trainer_name"] == "HermesTrainer" and ckpt["nnharmony"]["hermes"]["tokens_per_modality"] == 4
+    plans = json.loads((hermes_model / "plans.json").read_text())
+    assert plans["nnharmony"]["hermes"]["tokens_per_modality"] == 4  # the predictor rebuilds this network
+    for m in spec.members:
+        summary = json.loads((fold / "validation" / m.dataset_name / "summary.json").read_text())
+        assert len(summary["mean"]) == len(m.tasks)
+
+    # known member: its task list and modality from the collection; geometry and label values of the member
+    m0 = spec.members[0]
+    inp = tmp_path / "in0"
+    cases = _input_folder(synthetic_collection, 0, inp)
+    _predict(synthetic_collection, inp, tmp_path / "by_id", "--dataset", str(m0.dataset_id))
+    allowed = {0} | {v for t in m0.tasks for v in t.values}
+    for c in cases:
+        pred, img = sitk.ReadImage(str(tmp_path / "by_id" / f"{c}.nii.gz")), sitk.ReadImage(str(inp / f"{c}_0000.nii.gz"))
+        assert pred.GetSize() == img.GetSize() and np.allclose(pred.GetSpacing(), img.GetSpacing())
+        assert np.allclose(pred.GetOrigin(), img.GetOrigin())
+        assert set(np.unique(sitk.GetArrayFromImage(pred)).tolist()) <= allowed
+    evaluate_cli.main(["-ref", str(synthetic_collection["raw_folders"][0] / "labelsTr"), "-pred",
+                       str(tmp_path / "by_id"), "-d", str(m0.dataset_id), "-o", str(tmp_path / "eval")])
+    assert len(json.loads((tmp_path / "eval" / "summary.json").read_text())["metric_per_case"]) == len(cases)
+
+    # only some tasks
+    keep = m0.tasks[-1]
+    _predict(synthetic_collection, inp, tmp_path / "tasks", "--dataset", str(m0.dataset_id), "--tasks", keep.task)
+    for c in cases:
+        values = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "tasks" / f"{c}.nii.gz")))).tolist())
+        assert values <= {0, *keep.values}
+
+    # --dataset auto: a one-channel member's images and the two-channel member's images in one folder
+    two = next(i for i, m in enumerate(spec.members) if len(m.channels) == 2)
+    cases_two = _input_folder(synthetic_collection, two, inp)
+    _predict(synthetic_collection, inp, tmp_path / "auto", "--dataset", "auto")
+    info = json.loads((tmp_path / "auto" / "predicted_datasets.json").read_text())
+    assert set(info) == set(cases) | set(cases_two)
+    for c, rec in info.items():
+        assert rec["predicted_modality"] in spec.modalities
+        assert sum(rec["modality_probabilities"].values()) == pytest.approx(1, abs=1e-4)
+        member = spec.member(rec["dataset"])
+        if c in cases_two:  # the only member with two channels
+            assert rec["dataset"] == spec.members[two].dataset_name
+        else:
+            assert len(member.channels) == 1
+            assert spec.primary_modality(member.dataset_id) == spec.modalities.index(rec["predicted_modality"])
+        values = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "auto" / f"{c}.nii.gz")))).tolist())
+        assert values <= {0} | {v for t in member.tasks for v in t.values}
+
+    # prior analysis: CSV + PNG of task and modality priors
+    analyze_cli.main(["-c", synthetic_collection["name"], "-tr", "HermesTrainer", "-o", str(tmp_path / "priors")])
+    rows = (tmp_path / "priors" / "task_prior_similarity.csv").read_text().splitlines()
+    assert rows[0].split(",")[1:] == spec.tasks and len(rows) == 1 + len(spec.tasks)
+    assert (tmp_path / "priors" / "modality_prior_similarity.csv").read_text().splitlines()[0].split(",")[1:] == \
+        spec.modalities
+    for f in ("task_prior_similarity.png", "modality_prior_similarity.png", "task_prior_similarity_levels.png"):
+        assert (tmp_path / "priors" / f).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_hermes_adaptation_adds_a_task(hermes_model, synthetic_collection, tmp_path):
+    """nnharmony_adapt: a new member with a new task; old members' predictions before fine-tuning equal the old
+    model's; the new task is predicted after fine-tuning."""
+    import shutil
+
+    import SimpleITK as sitk
+
+    from nnharmony.cli import adapt as adapt_cli
+    from nnharmony.planners.plan_and_preprocess import plan_and_preprocess_collection
+
+    spec = synthetic_collection["spec"]
+    src = synthetic_collection["raw_folders"][0]
+    new_raw = Path(synthetic_collection["nnUNet_raw"]) / "Dataset906_SynthRenal"
+    if not new_raw.exists():
+        shutil.copytree(src, new_raw)
+        dj = json.loads((new_raw / "dataset.json").read_text())
+        dj["labels"] = {("renal_cortex" if k == "kidney" else k): v for k, v in dj["labels"].items()}
+        dj.pop("nnharmony_synthetic", None)
+        (new_raw / "dataset.json").write_text(json.dumps(dj))
+    new_name = "Collection910_SynthPlus"
+    new_spec, _ = plan_and_preprocess_collection(synthetic_collection["ids"] + [906], new_name, ["3d_fullres"],
+                                                 num_processes={"3d_fullres": 2}, extends=synthetic_collection["name"])
+    assert new_spec.tasks[: len(spec.tasks)] == spec.tasks and new_spec.tasks[-1] == "renal_cortex"
+    adapt_cli.main(["--from", synthetic_collection["name"], "-c", new_name, "-tr", "HermesTrainer", *QUICK])
+    folder = Path(synthetic_collection["nnUNet_results"]) / new_name / "HermesTrainer__nnHarmonyPlans__3d_fullres"
+    report = json.loads((folder / "fold_0" / "adaptation_report.json").read_text())
+    assert 0 < report["fine_tuned_parameters"]
+    # before fine-tuning, old members' predictions are the old model's
+    for m in spec.members:
+        for f in sorted((hermes_model / "fold_0" / "validation" / m.dataset_name).glob("*.nii.gz")):
+            a = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
+            b = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "fold_0" / "validation_before_adaptation" /
+                                                          m.dataset_name / f.name)))
+            assert np.array_equal(a, b), (m.dataset_name, f.name)
+    assert report["members"]["Dataset906_SynthRenal"]["old"] is False
+    # the new task is predicted for the new member
+    new_member = new_spec.member(906)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    case = sorted((new_raw / "imagesTr").glob("*_0000.nii.gz"))[0]
+    shutil.copy(case, inp / case.name)
+    from nnharmony.cli import predict as predict_cli
+
+    predict_cli.main(["-i", str(inp), "-o", str(tmp_path / "out"), "-c", new_name, "-tr", "HermesTrainer", "-device",
+                      "cpu", "--disable_tta", "--dataset", "906", "--tasks", "renal_cortex"])
+    out = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / case.name.replace("_0000", ""))))
+    assert set(np.unique(out).tolist()) <= {0, next(t.values[0] for t in new_member.tasks if t.task == "renal_cortex")}

@@ -15,9 +15,11 @@ Every option of the paper is in :class:`HermesConfig`, the trainer attribute ``h
         '{"hermes": {"encoder_blocks": [1, 1, 2], "tokens_per_modality": 4, "mod_weight": 0.01},
           "optimizer_name": "adamw"}'
 
-The network-shaping part of the configuration is written into the joint plans the model folder keeps
-(``plans.json`` -> ``nnharmony.hermes``), so prediction, the final validation, prior analysis and adaptation
-rebuild exactly the trained network (the static ``build_network_architecture`` reads it from there).
+The configuration is written into the joint plans the model folder keeps (``plans.json`` ->
+``nnharmony.hermes``), so prediction, the final validation and prior analysis rebuild exactly the trained
+network (the static ``build_network_architecture`` reads it from there). A collection planned with
+``--extends OLD`` starts from the options of OLD's trained model of the same trainer, so ``nnharmony_adapt``
+needs no options repeated.
 
 Training batch -> network: ``task_ids = task_ids_from_mask(task_mask)`` (each sample's dataset tasks in
 increasing global id, padded with -1; with ``mask_padded_tasks`` padded to a fixed width, the largest member
@@ -158,7 +160,16 @@ class HermesCollectionUNet(HermesUNet):
     logits scattered into place, 0 elsewhere (nnU-Net sizes its sliding-window buffers for the global task
     count; nnharmony's exporter keeps only the member's tasks). With explicit ``task_ids`` (training,
     ``infer_member``) the output is the per-sample task layout of :class:`HermesUNet`. Same parameters and
-    state-dict keys as :class:`HermesUNet`."""
+    state-dict keys as :class:`HermesUNet`.
+
+    The fused feature maps are made contiguous (a forward hook on every fusion level): the fusion returns a
+    channels-last view of its token layout, which sends every later CPU convolution down PyTorch's slow
+    ``slow_conv3d`` path (measured: ~2x slower convolutions after the first fusion level)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for fusion in list(self.encoder_fusion.values()) + list(self.decoder_fusion.values()):
+            fusion.register_forward_hook(_contiguous_features)
 
     def forward(self, x, *, task_ids=None, modality_id=None, cond=None):
         bound = task_ids is None and (cond is None or cond.get("task_ids") is None)
@@ -178,6 +189,11 @@ class HermesCollectionUNet(HermesUNet):
         idx = torch.where(ids < 0, torch.full_like(ids, self.num_tasks), ids)
         out.scatter_(1, idx.reshape(B, T, *([1] * (seg.dim() - 2))).expand_as(seg), seg)
         return out[:, : self.num_tasks]
+
+
+def _contiguous_features(module, inputs, output):
+    x, priors = output
+    return x.contiguous(), priors
 
 
 def build_hermes_network(backbone: nn.Module, num_tasks: int, num_modalities: int, cfg: HermesConfig,
@@ -201,10 +217,27 @@ class HermesTrainer(nnHarmonyTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        #: all Hermes options; starts from the plans' record (a model folder's plans.json), else defaults
-        self.hermes: HermesConfig | dict = hermes_config_from_plans(self.plans_manager.plans)
+        #: all Hermes options; starts from the plans' record (a model folder's plans.json), else from the model
+        #: of the collection these plans extend (nnharmony_adapt), else the paper's defaults
+        self.hermes: HermesConfig | dict = self._initial_hermes_config(configuration)
         #: task-slot width of every batch (with mask_padded_tasks): the largest member task count
         self.task_width = max(len(self.spec.task_ids(m.dataset_id)) for m in self.spec.members)
+
+    def _initial_hermes_config(self, configuration: str) -> HermesConfig:
+        nnh = self.plans_manager.plans.get("nnharmony") or {}
+        if nnh.get("hermes") is not None:
+            return HermesConfig.from_value(nnh["hermes"])
+        extends = nnh.get("extends")
+        if extends:
+            # adaptation: the old model's network options, so that its weights fit the new network
+            from nnharmony.paths import results_dir
+            from nnharmony.utils.io import load_json
+
+            f = (results_dir() / extends / f"{type(self).__name__}__{self.plans_manager.plans_name}__{configuration}"
+                 / "plans.json")
+            if f.is_file():
+                return hermes_config_from_plans(load_json(f))
+        return HermesConfig()
 
     # ------------------------------------------------------------------ network
     @staticmethod
