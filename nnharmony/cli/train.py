@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-pretrained_weights", default=None)
     p.add_argument("--trainer-options", default=None,
                    help='JSON object of trainer attributes, e.g. \'{"uharmony_restoration": "domain"}\'')
+    p.add_argument("--holdout", nargs="+", default=None, metavar="ID",
+                   help="member dataset ids (or DatasetXXX_Name) never sampled in training, to measure generalization "
+                        "to unseen datasets (trainers with a 'holdout' option, e.g. UniverSegTrainer); same as "
+                        "--trainer-options '{\"holdout\": [ID, ...]}'")
     return p
 
 
@@ -47,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
             trainer_options = json.loads(args.trainer_options)
         except json.JSONDecodeError as e:
             raise ValueError(f"--trainer-options is not valid JSON: {e}") from None
+    if args.holdout:
+        trainer_options["holdout"] = [int(h) if h.isdigit() else h for h in args.holdout]
     run_training(TrainingOptions(
         collection=args.collection, configuration=args.configuration, fold=args.fold, trainer=args.tr, plans=args.p,
         device=args.device, num_gpus=args.num_gpus, continue_training=args.c, validation_only=args.val,

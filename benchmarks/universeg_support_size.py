@@ -1,0 +1,194 @@
+"""UniverSeg on an unseen dataset: Dice on a held-out member against the support size S, with and without
+support-set ensembling, next to a supervised nnU-Net (nnHarmonyTrainer) trained on that member. Prints a
+Markdown table; not a test.
+
+1. Data: the built-in synthetic collection (``--members`` members, ``--num-cases`` cases each) is made and
+   planned for ``--configuration`` in ``--workdir`` (``$nnUNet_*`` point there; reused on a second run).
+2. UniverSeg: ``nnharmony_train COLL CFG 0 -tr UniverSegTrainer --holdout H`` for ``--budget-minutes`` of
+   wall-clock training (``wall_clock_budget_minutes``; the held-out member is never sampled).
+3. Supervised reference: a one-member collection of the held-out dataset, ``nnHarmonyTrainer`` (nnU-Net's
+   U-Net, BCE + Dice, SGD) on its fold 0 for the same wall-clock budget.
+4. Evaluation on the held-out member's fold-0 validation cases, raw images (``imagesTr``) and labels, every
+   foreground label of the member: UniverSeg predicts from supports drawn from the member's fold-0 TRAINING
+   cases (the same cases the supervised model trained on; :mod:`nnharmony.inference.support`, slice-by-slice
+   for the 2d model) for S in ``--support-sizes`` with K = 1 and K = ``--ensemble`` support sets, averaged over
+   ``--repeats`` seeds; the supervised model predicts with ``nnharmony_predict --dataset H``. Dice per case
+   and label (thresholded maps vs the raw label), mean over cases (cases where both are empty are left out),
+   then over labels.
+
+    python benchmarks/universeg_support_size.py --budget-minutes 2 -device cuda
+    python benchmarks/universeg_support_size.py --budget-minutes 0.5 -device cpu \\
+        --universeg-options '{"image_size": 32, "encoder_blocks": [16, 16, 16]}'
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+COLLECTION = "Collection950_UniverSegBench"
+SUPERVISED = "Collection960_UniverSegBenchSupervised"
+
+
+def run(cmd: list[str], what: str) -> None:
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    if out.returncode != 0:
+        sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
+        raise SystemExit(f"{what} failed (exit {out.returncode}): {' '.join(cmd)}")
+    print(f"[{what}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "nnharmony_universeg_bench"),
+                   help="nnU-Net folders of the benchmark (reused by a second run)")
+    p.add_argument("--members", type=int, default=5, help="synthetic members (default 5: 901..905)")
+    p.add_argument("--num-cases", type=int, default=10)
+    p.add_argument("--shape", type=int, nargs=3, default=(32, 32, 32))
+    p.add_argument("--holdout", type=int, default=902)
+    p.add_argument("--configuration", default="2d", choices=["2d", "3d_fullres"])
+    p.add_argument("--budget-minutes", type=float, default=2.0, help="wall-clock training budget of EACH model")
+    p.add_argument("--iterations-per-epoch", type=int, default=50)
+    p.add_argument("--support-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--ensemble", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3, help="seeds averaged per (S, K)")
+    p.add_argument("--universeg-options", default="{}", help="JSON trainer options of UniverSegTrainer")
+    p.add_argument("--skip-training", action="store_true", help="reuse the trained models in --workdir")
+    p.add_argument("-device", default="cuda", choices=["cuda", "cpu"])
+    return p.parse_args(argv)
+
+
+def train(collection: str, cfg: str, trainer: str, args, options: dict) -> None:
+    cmd = [sys.executable, "-m", "nnharmony.cli.train", collection, cfg, "0", "-tr", trainer, "-device", args.device,
+           "--epochs", "100000", "--iterations-per-epoch", str(args.iterations_per_epoch),
+           "--val-iterations-per-epoch", "2", "--save-every", "100000",
+           "--trainer-options", json.dumps({"wall_clock_budget_minutes": args.budget_minutes, **options})]
+    run(cmd, f"train {trainer}")
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    denom = pred.sum() + ref.sum()
+    return float("nan") if denom == 0 else float(2 * (pred & ref).sum() / denom)
+
+
+def mean_dice(per_label: dict[str, list[float]]) -> float:
+    return float(np.mean([np.nanmean(v) for v in per_label.values() if not np.all(np.isnan(v))]))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    work = Path(args.workdir).resolve()
+    for k in ("raw", "preprocessed", "results"):
+        (work / k).mkdir(parents=True, exist_ok=True)
+        os.environ[f"nnUNet_{k}"] = str(work / k)
+    import torch
+
+    from nnharmony.data.splits import collection_fold
+    from nnharmony.dataset_conversion.synthetic import make_synthetic_collection
+    from nnharmony.inference import support as sup
+    from nnharmony.planners.plan_and_preprocess import plan_and_preprocess_collection
+
+    t0 = time.perf_counter()
+    folders = make_synthetic_collection(work / "raw", first_id=901, num_cases=args.num_cases, shape=args.shape,
+                                        seed=0, num_members=args.members)
+    ids = [int(Path(f).name[7:10]) for f in folders]
+    if args.holdout not in ids:
+        raise SystemExit(f"--holdout {args.holdout} is not one of the synthetic members {ids}")
+    spec, _ = plan_and_preprocess_collection(ids, COLLECTION, [args.configuration])
+    plan_and_preprocess_collection([args.holdout], SUPERVISED, [args.configuration])
+    print(f"[data: {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
+
+    useg_options = {"holdout": [args.holdout], **json.loads(args.universeg_options)}
+    if not args.skip_training:
+        train(COLLECTION, args.configuration, "UniverSegTrainer", args, useg_options)
+        train(SUPERVISED, args.configuration, "nnHarmonyTrainer", args, {})
+
+    # ---- evaluation data: the held-out member's raw fold-0 cases
+    mi = spec.member_index(args.holdout)
+    member = spec.members[mi]
+    raw = Path(folders[ids.index(args.holdout)])
+    train_ids, val_ids = collection_fold(spec, 0, args.configuration)[mi]
+    fe = member.file_ending
+
+    def read(case):
+        img, spacing, _ = sup.read_image(raw / "imagesTr" / f"{case}_0000{fe}")
+        lab, _, _ = sup.read_image(raw / "labelsTr" / f"{case}{fe}")
+        return img.astype(np.float32), lab.astype(np.int64), spacing
+
+    support = [(c, *read(c)) for c in train_ids]
+    queries = [(c, *read(c)) for c in val_ids]
+    device = torch.device(args.device)
+    model_dir = work / "results" / COLLECTION / f"UniverSegTrainer__nnHarmonyPlans__{args.configuration}"
+    networks, cfg = sup.load_universeg_models(model_dir, ["0"], "checkpoint_final.pth", device)
+    dim, size = int(cfg["dim"]), tuple(cfg["image_size"])
+    ckpt = torch.load(model_dir / "fold_0" / "checkpoint_final.pth", weights_only=True, map_location="cpu")
+    useg_epochs = ckpt["current_epoch"]
+
+    results: dict = {}
+    for S in args.support_sizes:
+        for K in (1, args.ensemble):
+            per_label: dict[str, list[float]] = {}
+            for t in member.tasks:
+                pool = sup.build_support_pool([(c, x, y, sp) for c, x, y, sp in support], t.values, dim, size)
+                scores = []
+                for r in range(args.repeats):
+                    probs = sup.predict_cases_in_memory(networks, [(c, x, sp) for c, x, _, sp in queries], pool, dim,
+                                                        size, S, K, seed=1000 * r + S, device=device)
+                    scores.append([dice(probs[c] > 0.5, np.isin(y, t.values)) for c, _, y, _ in queries])
+                per_label[t.label] = list(np.nanmean(np.array(scores, dtype=float), axis=0))
+            results[(S, K)] = (mean_dice(per_label), {k: float(np.nanmean(v)) for k, v in per_label.items()})
+
+    # ---- supervised reference
+    sup_in, sup_out = work / "eval" / "inputs", work / "eval" / "supervised"
+    sup_in.mkdir(parents=True, exist_ok=True)
+    for c, *_ in queries:
+        target = sup_in / f"{c}_0000{fe}"
+        if not target.exists():
+            os.symlink(raw / "imagesTr" / f"{c}_0000{fe}", target)
+    run([sys.executable, "-m", "nnharmony.cli.predict", "-i", str(sup_in), "-o", str(sup_out), "-c", SUPERVISED,
+         "-tr", "nnHarmonyTrainer", "-cfg", args.configuration, "-f", "0", "--dataset", str(args.holdout),
+         "-device", args.device], "supervised prediction")
+    per_label = {}
+    for t in member.tasks:
+        per_label[t.label] = [dice(np.isin(sup.read_image(sup_out / f"{c}{fe}")[0], t.values), np.isin(y, t.values))
+                              for c, _, y, _ in queries]
+    supervised = (mean_dice(per_label), {k: float(np.nanmean(v)) for k, v in per_label.items()})
+    sup_ckpt = torch.load(work / "results" / SUPERVISED / f"nnHarmonyTrainer__nnHarmonyPlans__{args.configuration}"
+                          / "fold_0" / "checkpoint_final.pth", weights_only=True, map_location="cpu")
+
+    # ---- table
+    labels = [t.label for t in member.tasks]
+    print(f"\n### UniverSeg on held-out {member.dataset_name} ({args.configuration}), "
+          f"{args.budget_minutes:g} min training budget per model, device {args.device}\n")
+    print(f"UniverSeg trained on {', '.join(m.dataset_name for i, m in enumerate(spec.members) if i != mi)} "
+          f"({useg_epochs} epochs x {args.iterations_per_epoch} it, options {json.dumps(useg_options)}); "
+          f"supports from {len(support)} training cases, {len(queries)} validation cases, {args.repeats} seeds; "
+          f"supervised nnHarmonyTrainer: {sup_ckpt['current_epoch']} epochs x {args.iterations_per_epoch} it on "
+          f"{len(support)} training cases.\n")
+    print(f"| S | Dice K=1 | Dice K={args.ensemble} | " + " | ".join(f"{lb} K=1 / K={args.ensemble}" for lb in labels)
+          + " |")
+    print("|---|---|---|" + "---|" * len(labels))
+    for S in args.support_sizes:
+        a, b = results[(S, 1)], results[(S, args.ensemble)]
+        print(f"| {S} | {a[0]:.3f} | {b[0]:.3f} | "
+              + " | ".join(f"{a[1][lb]:.3f} / {b[1][lb]:.3f}" for lb in labels) + " |")
+    print(f"| supervised nnU-Net (nnHarmonyTrainer) | {supervised[0]:.3f} | | "
+          + " | ".join(f"{supervised[1][lb]:.3f}" for lb in labels) + " |")
+    out = {"member": member.dataset_name, "configuration": args.configuration, "budget_minutes": args.budget_minutes,
+           "universeg": {f"S{S}_K{K}": v for (S, K), v in results.items()}, "supervised": supervised,
+           "universeg_epochs": useg_epochs, "supervised_epochs": sup_ckpt["current_epoch"], "options": useg_options}
+    (work / "universeg_support_size.json").write_text(json.dumps(out, indent=2))
+    print(f"\n[total {time.perf_counter() - t0:.0f} s; results in {work / 'universeg_support_size.json'}]",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,377 @@
+"""``UniverSegTrainer``: episodic in-context training of UniverSeg on a collection (Butoi*, Gonzalez Ortiz* et al.,
+ICCV 2023), with held-out members for measuring generalization to unseen datasets.
+
+Every training sample is an **episode** (:mod:`nnharmony.data.episodes`): a task (one label of one member), a
+query and ``support_size`` support pairs of that task, from the members' own nnU-Net preprocessed data; tasks of
+several members are mixed in one batch; in-task and task augmentation, optional synthetic tasks. The network is
+:class:`nnharmony.networks.universeg.UniverSeg` (the released v1 architecture; ``dim=3`` for ``3d_fullres``)::
+
+    # 2D (the paper's setting): episodes of slices resized to 128x128, member 903 never seen
+    nnharmony_train Collection900_Synth 2d 0 -tr UniverSegTrainer --holdout 903
+    # 3D variant: episodes of joint-plan patches resized to a 32^3 cube
+    nnharmony_train Collection900_Synth 3d_fullres 0 -tr UniverSegTrainer --holdout 903 \\
+        --trainer-options '{"image_size": 32, "support_size": 4}'
+    # segment the unseen member from labelled examples
+    nnharmony_predict -i imgs -o out -c Collection900_Synth -tr UniverSegTrainer -cfg 2d -f 0 \\
+        --support Dataset903_X/ --label 1 -S 16 -K 5
+
+Options (trainer attributes, ``--trainer-options`` JSON; ``--holdout`` sets ``holdout``):
+
+=========================== ==================== ==========================================================
+ option                      default              meaning
+=========================== ==================== ==========================================================
+ holdout                     []                   dataset ids/names never sampled in training
+ image_size                  128 (2d) / 32 (3d)   network input size (int: square/cube, or a list); must be
+                                                  divisible by 2**(len(encoder_blocks)-1)
+ support_size                8                    S during training (released weights: 64)
+ episode_batch_size          8                    episodes per step (split over DDP ranks)
+ encoder_blocks              [64, 64, 64, 64]     UniverSeg widths (release: 4 x 64)
+ decoder_blocks              None                 default: encoder_blocks[-2::-1]
+ cross_nonlinearity          None                 None (release) or "LeakyReLU" (paper formula)
+ learning_rate               1e-4                 Adam (optimizer_name "adam"; "sgd"/"adamw" use nnU-Net's)
+ dice_weight, bce_weight     1.0, 1.0             loss = dice_weight * soft Dice + bce_weight * BCE
+ query_foreground_prob       0.5                  query slice/patch through the label
+ support_foreground_prob     1.0                  support slice/patch through the label
+ member_sampling             "uniform"            hierarchical: member (uniform), then task (uniform)
+ in_task_augmentation        true                 per-image nnU-Net-style spatial + intensity augmentation
+ task_augmentation           {}                   kwargs of task_augment (flip/inversion/edge maps); null: off
+ synthetic_task_prob         0.0                  fraction of random-shape synthetic episodes
+ crop                        "patch"              3d: "patch" (joint plan patch, resized) or "whole" volume
+ num_workers                 None                 augmentation workers (None: $nnUNet_n_proc_DA, 0: in-process)
+ validation_support_size     None                 S of the final validation (None: support_size)
+ validation_max_cases        10                   validation cases per member in the final validation
+=========================== ==================== ==========================================================
+
+Loss: soft Dice (per episode, smoothing 1, averaged over the batch; the paper's loss) plus BCE (stabilises the
+start of training from scratch; ``bce_weight=0`` gives the paper's loss alone). Optimizer: Adam, lr 1e-4, under
+nnU-Net's poly schedule. No deep supervision. Mixed precision on CUDA as in nnU-Net.
+
+Validation during training (``validation_step``): validation episodes (queries from the validation cases of the
+trained members, supports from their training cases, no augmentation); tp/fp/fn are counted into the entry of
+the episode's global task, so nnU-Net's pseudo-Dice log and checkpoint selection work unchanged.
+
+Final validation (``perform_actual_validation``), cheap and in-context: for every member (held-out ones included,
+flagged ``held_out``; their data are read here for the first time), every task and up to
+``validation_max_cases`` validation cases, the whole preprocessed volume is predicted (2d: slice by slice along
+the first axis) with ONE support set of ``validation_support_size`` foreground slices (volumes) from the member's
+training cases (seed 0, no ensembling), and Dice is computed on the preprocessed grid. Written to
+``fold_K/validation/summary.json``; the held-out members' mean is the generalization number.
+
+Record: the network/episode configuration is stored in the joint plans saved with the model
+(``plans.json`` -> ``nnharmony.universeg``) and in every checkpoint (``nnharmony.universeg``), from which
+``nnharmony_predict`` rebuilds the network.
+"""
+from __future__ import annotations
+
+import math
+from os.path import join
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import distributed as dist, nn
+
+from nnharmony.trainers.nnharmony_trainer import nnHarmonyTrainer
+
+DEFAULT_IMAGE_SIZE = {2: 128, 3: 32}
+
+
+class SoftDiceBCELoss(nn.Module):
+    """``dice_weight * (1 - mean_b softDice_b) + bce_weight * BCE`` on logits ``(B, 1, *sp)`` vs targets in
+    {0, 1}. Soft Dice per episode ``(2 sum(p y) + 1) / (sum p + sum y + 1)`` (an empty query label with an
+    empty prediction scores 1)."""
+
+    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0, smooth: float = 1.0):
+        super().__init__()
+        if dice_weight < 0 or bce_weight < 0 or dice_weight + bce_weight <= 0:
+            raise ValueError(f"loss weights must be >= 0 and not both 0, got dice {dice_weight}, bce {bce_weight}")
+        self.dice_weight, self.bce_weight, self.smooth = float(dice_weight), float(bce_weight), float(smooth)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits, target = logits.float(), target.float()
+        loss = logits.new_zeros(())
+        if self.dice_weight:
+            p = torch.sigmoid(logits).flatten(1)
+            t = target.flatten(1)
+            dc = (2 * (p * t).sum(1) + self.smooth) / (p.sum(1) + t.sum(1) + self.smooth)
+            loss = loss + self.dice_weight * (1 - dc.mean())
+        if self.bce_weight:
+            loss = loss + self.bce_weight * F.binary_cross_entropy_with_logits(logits, target)
+        return loss
+
+
+def _blocks(value) -> list:
+    return [tuple(b) if isinstance(b, (list, tuple)) else int(b) for b in value]
+
+
+class UniverSegTrainer(nnHarmonyTrainer):
+    """Episodic UniverSeg training (module docstring)."""
+
+    ddp_find_unused_parameters = True  # the last block's support conv never reaches the output
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.enable_deep_supervision = False
+        self.dim = len(self.configuration_manager.patch_size)
+        rec = dict(self.plans_manager.plans.get("nnharmony", {}).get("universeg") or {})
+        self.holdout: list = list(rec.get("holdout", []))
+        self.image_size = rec.get("image_size")
+        self.support_size = int(rec.get("support_size", 8))
+        self.episode_batch_size = int(rec.get("episode_batch_size", 8))
+        self.encoder_blocks = rec.get("encoder_blocks", [64, 64, 64, 64])
+        self.decoder_blocks = rec.get("decoder_blocks")
+        self.cross_nonlinearity = rec.get("cross_nonlinearity")
+        self.learning_rate = 1e-4
+        self.optimizer_name = "adam"
+        self.dice_weight = 1.0
+        self.bce_weight = 1.0
+        self.query_foreground_prob = 0.5
+        self.support_foreground_prob = 1.0
+        self.member_sampling = "uniform"
+        self.in_task_augmentation = True
+        self.task_augmentation: dict | None = {}
+        self.synthetic_task_prob = 0.0
+        self.crop = rec.get("crop", "patch")
+        self.num_workers: int | None = None
+        self.validation_support_size: int | None = None
+        self.validation_max_cases = 10
+
+    # ------------------------------------------------------------------ configuration
+    def _image_size(self) -> tuple[int, ...]:
+        s = self.image_size if self.image_size is not None else DEFAULT_IMAGE_SIZE[self.dim]
+        size = (int(s),) * self.dim if isinstance(s, (int, float)) else tuple(int(i) for i in s)
+        if len(size) != self.dim:
+            raise ValueError(f"image_size {s!r} must be one int or {self.dim} ints for configuration "
+                             f"{self.configuration_name}")
+        return size
+
+    def universeg_config(self) -> dict[str, Any]:
+        """Network + episode configuration (recorded in the plans and checkpoints); validates the options."""
+        from nnharmony.data.episodes import resolve_holdout
+
+        enc = _blocks(self.encoder_blocks)
+        size = self._image_size()
+        mult = 2 ** (len(enc) - 1)
+        if any(s % mult for s in size):
+            raise ValueError(f"image_size {size} must be divisible by 2**(len(encoder_blocks)-1) = {mult}")
+        if self.crop not in ("patch", "whole"):
+            raise ValueError(f"crop must be 'patch' or 'whole', got {self.crop!r}")
+        held = resolve_holdout(self.spec, self.holdout)
+        return {
+            "dim": self.dim, "image_size": list(size), "in_channels": 1, "encoder_blocks": enc,
+            "decoder_blocks": None if self.decoder_blocks is None else _blocks(self.decoder_blocks),
+            "cross_nonlinearity": self.cross_nonlinearity, "support_size": int(self.support_size),
+            "episode_batch_size": int(self.episode_batch_size), "configuration": self.configuration_name,
+            "holdout": [self.spec.members[i].dataset_id for i in held], "crop": self.crop,
+        }
+
+    def episode_config(self):
+        from nnharmony.data.episodes import EpisodeConfig
+
+        crop = None
+        if self.dim == 3 and self.crop == "patch":
+            crop = tuple(int(i) for i in self.configuration_manager.patch_size)
+        task_aug = None if self.task_augmentation in (None, False) else (
+            {} if self.task_augmentation is True else dict(self.task_augmentation))
+        return EpisodeConfig(dim=self.dim, support_size=self.support_size, image_size=self._image_size(),
+                             crop_size=crop, query_foreground_prob=self.query_foreground_prob,
+                             support_foreground_prob=self.support_foreground_prob,
+                             in_task_augmentation=bool(self.in_task_augmentation), task_augmentation=task_aug,
+                             synthetic_task_prob=self.synthetic_task_prob, member_sampling=self.member_sampling)
+
+    def _episode_batch_size(self) -> int:
+        if not self.is_ddp:
+            return int(self.episode_batch_size)
+        return max(1, math.ceil(int(self.episode_batch_size) / dist.get_world_size()))
+
+    def initialize(self):
+        if not self.was_initialized:
+            cfg = self.universeg_config()
+            self.episode_config()  # validates the episode options before anything is built
+            plans = self.plans_manager.plans
+            plans["nnharmony"] = {**plans["nnharmony"], "universeg": cfg}
+        super().initialize()
+        self.batch_size = self._episode_batch_size()
+
+    def extra_checkpoint_state(self) -> dict:
+        return {"universeg": self.universeg_config()}
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        """UniverSeg from the plans' ``nnharmony.universeg`` record (written by ``initialize``); defaults to the
+        released 2D/3D architecture. The collection's channel/task counts do not matter: UniverSeg is
+        single-channel and binary, the task comes from the support set."""
+        from nnharmony.networks.universeg import UniverSeg
+
+        cfg = plans_manager.plans.get("nnharmony", {}).get("universeg") or {}
+        dim = int(cfg.get("dim", len(configuration_manager.patch_size)))
+        dec = cfg.get("decoder_blocks")
+        return UniverSeg(encoder_blocks=_blocks(cfg.get("encoder_blocks", [64, 64, 64, 64])),
+                         decoder_blocks=None if dec is None else _blocks(dec), dim=dim,
+                         in_channels=int(cfg.get("in_channels", 1)), cross_nonlinearity=cfg.get("cross_nonlinearity"))
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        pass  # UniverSeg has no deep supervision
+
+    def _build_loss(self):
+        return SoftDiceBCELoss(self.dice_weight, self.bce_weight)
+
+    def configure_optimizers(self):
+        if self.optimizer_name != "adam":
+            return super().configure_optimizers()
+        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+        params = (type(self).adaptation_parameters(self.unwrapped_network()) if self.adaptation_mode
+                  else self.network.parameters())
+        optimizer = torch.optim.Adam(params, lr=self.learning_rate)
+        return optimizer, PolyLRScheduler(optimizer, self.learning_rate, self.num_epochs)
+
+    # ------------------------------------------------------------------ data
+    def get_dataloaders(self):
+        from nnharmony.data.episodes import build_episode_dataloaders
+
+        return build_episode_dataloaders(
+            self.spec, self.plans_manager.plans, self.configuration_name, self.fold, self._episode_batch_size(),
+            self.episode_config(), holdout=self.holdout, seed=self.sampling_seed, rank=self.local_rank,
+            num_processes=self.num_workers, pin_memory=self.device.type == "cuda",
+            plans_identifier=self.plans_manager.plans["nnharmony"]["member_plans_identifier"])
+
+    # ------------------------------------------------------------------ steps
+    def _episode_to_device(self, batch: dict):
+        keys = ("query_image", "support_images", "support_labels", "query_label")
+        return [batch[k].to(self.device, non_blocking=True) for k in keys]
+
+    def network_forward(self, data, batch: dict):
+        q, sx, sy, _ = self._episode_to_device(batch)
+        return self.network(q, sx, sy)
+
+    def compute_loss(self, output, target, batch: dict) -> torch.Tensor:
+        return self.loss(output, target)
+
+    def train_step(self, batch: dict) -> dict:
+        q, sx, sy, qy = self._episode_to_device(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            logits = self.network(q, sx, sy)
+            loss = self.compute_loss(logits, qy, batch)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def validation_step(self, batch: dict) -> dict:
+        """Loss and hard tp/fp/fn of every episode, summed into its global task's entry (length
+        ``spec.num_tasks``; synthetic episodes are not counted)."""
+        q, sx, sy, qy = self._episode_to_device(batch)
+        with self._autocast():
+            logits = self.network(q, sx, sy)
+            loss = self.compute_loss(logits, qy, batch)
+        pred = (torch.sigmoid(logits.float()) > 0.5).float().flatten(1)
+        tgt = qy.float().flatten(1)
+        per = torch.stack([(pred * tgt).sum(1), (pred * (1 - tgt)).sum(1), ((1 - pred) * tgt).sum(1)], 1).cpu()
+        counts = np.zeros((3, self.spec.num_tasks), dtype=np.float64)
+        for b, t in enumerate(batch["task_id"].tolist()):
+            if t >= 0:
+                counts[:, t] += per[b].numpy()
+        return {"loss": loss.detach().cpu().numpy(), "tp_hard": counts[0], "fp_hard": counts[1],
+                "fn_hard": counts[2]}
+
+    # ------------------------------------------------------------------ final validation
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """In-context validation of every member (module docstring) -> ``validation/summary.json``."""
+        self.network.eval()
+        if self.local_rank == 0:
+            self.validate_in_context()
+        if self.is_ddp:
+            dist.barrier()
+
+    @torch.no_grad()
+    def validate_in_context(self) -> dict:
+        from nnharmony.data.episodes import resolve_holdout
+        from nnharmony.data.loader import load_member_data
+        from nnharmony.data.splits import collection_fold
+        from nnharmony.inference.support import SupportError, build_support_pool, dice, predict_cases_in_memory
+        from nnharmony.utils.io import save_json_atomic
+
+        import os
+
+        cfg = self.universeg_config()
+        joint = self.plans_manager.plans["nnharmony"]
+        ident = joint["member_plans_identifier"]
+        data_ids = {i: joint["member_plans"][str(m.dataset_id)]["configurations"][self.configuration_name][
+            "data_identifier"] for i, m in enumerate(self.spec.members)}
+        folds = collection_fold(self.spec, self.fold, self.configuration_name, ident, data_identifiers=data_ids)
+        held = set(resolve_holdout(self.spec, self.holdout))
+        S = int(self.validation_support_size or self.support_size)
+        size = tuple(cfg["image_size"])
+        net = self.unwrapped_network()
+        net.eval()
+        axis = 0 if self.dim == 2 else None  # nnU-Net's 2d configuration slices along the first axis
+        members: dict[str, Any] = {}
+        for i, m in enumerate(self.spec.members):
+            tr, val = folds[i]
+            val = list(val)[: int(self.validation_max_cases)]
+            if not tr or not val:
+                continue
+            md_tr = load_member_data(self.spec, i, self.configuration_name, tr, ident, data_ids.get(i))
+            md_val = load_member_data(self.spec, i, self.configuration_name, val, ident, data_ids.get(i))
+
+            def load(md, case):
+                data, seg, _, props = md.dataset.load_case(case)
+                return (np.asarray(data[0][...], dtype=np.float32), np.asarray(seg[0][...]),
+                        np.asarray(props["spacing"], dtype=np.float64))
+
+            support = [(c, *load(md_tr, c)) for c in tr]
+            queries = [(c, *load(md_val, c)) for c in val]
+            tasks = {}
+            for t in m.tasks:
+                try:
+                    pool = build_support_pool([(c, x, y, sp) for c, x, y, sp in support], t.values, self.dim, size,
+                                              axis=axis)
+                except SupportError:
+                    self.print_to_log_file(f"validation: {m.dataset_name} {t.label}: no training case shows it")
+                    continue
+                probs = predict_cases_in_memory([net], [(c, x, sp) for c, x, _, sp in queries], pool, self.dim,
+                                                size, S, 1, 0, self.device, axis=axis)
+                per_case = {c: dice(probs[c] > 0.5, np.isin(y, t.values)) for c, _, y, _ in queries}
+                finite = [v for v in per_case.values() if not np.isnan(v)]
+                tasks[t.label] = {"global_task": t.task, "values": list(t.values), "dice_per_case": per_case,
+                                  "mean_dice": float(np.mean(finite)) if finite else None}
+            means = [v["mean_dice"] for v in tasks.values() if v["mean_dice"] is not None]
+            members[m.dataset_name] = {"held_out": i in held, "tasks": tasks,
+                                       "mean_dice": float(np.mean(means)) if means else None}
+            self.print_to_log_file(f"in-context validation {m.dataset_name}{' (held out)' if i in held else ''}: "
+                                   f"mean Dice {members[m.dataset_name]['mean_dice']}")
+
+        def mean_of(flag):
+            v = [x["mean_dice"] for x in members.values() if x["held_out"] == flag and x["mean_dice"] is not None]
+            return float(np.mean(v)) if v else None
+
+        summary = {"trainer": type(self).__name__, "configuration": self.configuration_name, "fold": self.fold,
+                   "holdout": cfg["holdout"], "support_size": S, "ensemble": 1, "seed": 0,
+                   "protocol": "whole preprocessed validation volumes, one support set of foreground slices/volumes "
+                               "from the member's training cases, Dice on the preprocessed grid",
+                   "members": members, "mean_dice_trained_members": mean_of(False),
+                   "mean_dice_held_out_members": mean_of(True)}
+        out = join(self.output_folder, "validation")
+        os.makedirs(out, exist_ok=True)
+        save_json_atomic(summary, join(out, "summary.json"))
+        return summary
+
+    # ------------------------------------------------------------------ prediction
+    @classmethod
+    def predict_from_support(cls, args):
+        """``nnharmony_predict ... -tr UniverSegTrainer --support DIR`` (see :mod:`nnharmony.inference.support`)."""
+        from nnharmony.inference.support import predict_from_support
+
+        return predict_from_support(args, trainer_name=cls.__name__)
