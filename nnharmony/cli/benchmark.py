@@ -1,0 +1,156 @@
+"""nnharmony_benchmark [--quick] [--collection NAME | -d IDS] [--methods ...] [--budget 5x50|10min] [--device cpu|cuda]
+
+Trains the selected paradigms on the same fold with the same budget, evaluates every member's validation cases
+and writes a report folder (Markdown/CSV tables, bar chart, overlays, benchmark.json). See
+``nnharmony.evaluation.benchmark`` for what exactly is run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from nnharmony.cli.common import exit_on_user_error, parse_key_value_pairs
+
+ENV_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+QUICK_WORKDIR = "nnharmony_quick"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nnharmony.evaluation.benchmark import DEFAULT_METHODS, METHODS, QUICK
+
+    p = argparse.ArgumentParser(
+        prog="nnharmony_benchmark",
+        description="Compare the paradigms on one collection: every method trains on the same fold with the same "
+                    "budget, predicts the validation cases and is evaluated per member x label (Dice, NSD). Writes "
+                    "results.md, results.csv, timing.csv, dice_bar.png, overlays/ and benchmark.json into the report "
+                    "folder and prints the Dice table.",
+        epilog="methods: " + "; ".join(f"{m.name} = {m.trainer} ({m.description})" for m in METHODS.values())
+               + ".  Examples:  nnharmony_benchmark --quick  |  nnharmony_benchmark -c Collection900_Abdomen "
+                 "--methods nnunet joint hermes --budget 100x250 --device cuda  |  nnharmony_benchmark -d 1 2 3 "
+                 "--budget 30min",
+    )
+    p.add_argument("--quick", action="store_true",
+                   help=f"the newcomer's preset: built-in synthetic collection ({QUICK['num_cases']} cases of "
+                        f"{'x'.join(map(str, QUICK['shape']))} per member), budget {QUICK['budget']}, under 15 min on "
+                        f"a 2-core CPU. Uses $nnUNet_raw/_preprocessed/_results if set, else ./{QUICK_WORKDIR}/")
+    p.add_argument("-c", "--collection", default=None,
+                   help="a planned collection (nnharmony_plan_and_preprocess -n NAME); default: the built-in "
+                        "synthetic collection, generated and planned if missing")
+    p.add_argument("-d", nargs="+", default=None, metavar="ID",
+                   help="member dataset ids: plan a collection of them (named by --collection or after the ids)")
+    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help=f"methods to compare, or 'all' (default: {' '.join(DEFAULT_METHODS)})")
+    p.add_argument("--budget", default=None,
+                   help="the same for every method: EPOCHSxITERATIONS (e.g. 5x50) or wall clock per method "
+                        "MINUTESmin (e.g. 10min; MINUTESminxITERATIONS sets iterations per epoch too). "
+                        f"Default: nnU-Net's 1000x250, with --quick {QUICK['budget']}")
+    p.add_argument("-f", "--fold", default="0", help="fold (0-4, the members' nnU-Net folds) or 'all' (default 0)")
+    p.add_argument("--device", "-device", default=None, choices=["cpu", "cuda", "mps"],
+                   help="default: cuda if available, else cpu")
+    p.add_argument("--num_gpus", "-num_gpus", type=int, default=1,
+                   help="GPUs (DDP processes) per collection model; per-dataset models use one")
+    p.add_argument("-o", "--output", default=None,
+                   help="report folder (default $nnUNet_results/COLLECTION/benchmark_DATE_TIME)")
+    p.add_argument("--workdir", default=None,
+                   help="use DIR/nnUNet_raw, DIR/nnUNet_preprocessed, DIR/nnUNet_results instead of the environment")
+    p.add_argument("--nsd-tolerance", type=float, default=1.0, metavar="MM",
+                   help="tolerance of the normalized surface Dice in mm (default 1); 0 = no NSD")
+    p.add_argument("--overlays", type=int, default=3, metavar="N", help="overlay figures to draw (default 3)")
+    p.add_argument("-S", "--support-size", type=int, default=None,
+                   help="universeg: support set size (default 8, with --quick 4)")
+    p.add_argument("-K", "--ensemble", type=int, default=1, help="universeg: support sets averaged (default 1)")
+    p.add_argument("--trainer-options", nargs="*", default=[], metavar="METHOD=JSON",
+                   help='trainer attributes for one method, e.g. hermes=\'{"optimizer_name": "adamw"}\'')
+    p.add_argument("--synthetic-cases", type=int, default=None,
+                   help=f"cases per member of a newly generated synthetic collection (default {QUICK['num_cases']})")
+    p.add_argument("-np", "--num-processes", type=int, default=2, help="processes for preprocessing and evaluation")
+    ck = p.add_mutually_exclusive_group()
+    ck.add_argument("--keep-checkpoints", dest="checkpoints", action="store_const", const=True, default=None,
+                    help="write the models' checkpoints under REPORT/models (default, except with --quick)")
+    ck.add_argument("--no-checkpoints", dest="checkpoints", action="store_const", const=False,
+                    help="no checkpoints (predictions and reports only; default with --quick, saves disk and time)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _setup_folders(args) -> None:
+    """--workdir, or for --quick without nnU-Net's variables ./nnharmony_quick/; check they are set."""
+    workdir = args.workdir
+    missing = [v for v in ENV_VARS if not os.environ.get(v)]
+    if workdir is None and args.quick and missing:
+        workdir = QUICK_WORKDIR
+        print(f"{', '.join('$' + v for v in missing)} not set: using ./{QUICK_WORKDIR}/ "
+              f"(nnUNet_raw, nnUNet_preprocessed, nnUNet_results) for data and results", flush=True)
+    if workdir is not None:
+        root = Path(workdir).resolve()
+        for v in ENV_VARS:
+            (root / v).mkdir(parents=True, exist_ok=True)
+            os.environ[v] = str(root / v)
+        return
+    if not missing and args.quick:
+        print(f"using nnU-Net's folders from the environment (nnUNet_raw={os.environ['nnUNet_raw']})", flush=True)
+    if missing:
+        raise ValueError(f"{', '.join('$' + v for v in missing)} not set: export nnU-Net's folders, or give "
+                         f"--workdir DIR (or --quick, which defaults to ./{QUICK_WORKDIR}/)")
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from nnharmony.evaluation.benchmark import (DEFAULT_METHODS, METHODS, QUICK, BenchmarkOptions, Budget,
+                                                printed_summary, run_benchmark)
+
+    methods = list(DEFAULT_METHODS) if not args.methods else (
+        list(METHODS) if args.methods == ["all"] else args.methods)
+    budget = args.budget or (QUICK["budget"] if args.quick else "1000x250")
+    Budget.parse(budget)  # fail before any work
+    trainer_options = {}
+    for method, text in parse_key_value_pairs(args.trainer_options, "--trainer-options").items():
+        try:
+            trainer_options[method] = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--trainer-options {method}: not valid JSON ({e})") from None
+        if not isinstance(trainer_options[method], dict):
+            raise ValueError(f"--trainer-options {method}: expected a JSON object")
+    if args.quick:  # the preset's small-CPU settings, under what the user gave
+        for method, defaults in QUICK.get("trainer_options", {}).items():
+            trainer_options[method] = {**defaults, **trainer_options.get(method, {})}
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    _setup_folders(args)
+    opts = BenchmarkOptions(
+        methods=methods, budget=budget, collection=args.collection,
+        dataset_ids=[int(d) if str(d).isdigit() else d for d in args.d] if args.d else None,
+        fold=args.fold, device=device, num_gpus=args.num_gpus, output_folder=args.output,
+        nsd_tolerance_mm=args.nsd_tolerance if args.nsd_tolerance and args.nsd_tolerance > 0 else None,
+        num_overlays=args.overlays,
+        support_size=args.support_size or (QUICK["support_size"] if args.quick else 8), ensemble=args.ensemble,
+        trainer_options=trainer_options,
+        synthetic_cases=args.synthetic_cases or QUICK["num_cases"], num_processes=args.num_processes,
+        keep_checkpoints=args.checkpoints if args.checkpoints is not None else not args.quick,
+        quiet=args.no_progress,
+    )
+    try:
+        bench = run_benchmark(opts)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the training of the running method was stopped; logs are in the report folder",
+              file=sys.stderr)
+        return 130
+    print(printed_summary(bench), flush=True)
+    failed = [t["method"] for t in bench["timings"] if t["status"] == "failed"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""Tables and figures of ``nnharmony_benchmark``: Markdown/CSV tables, a grouped bar chart and image overlays.
+
+Everything here works on plain Python data so that it can be tested (and reused) without training anything:
+
+* a *row* is one member x label x method: ``{"member", "label", "method", "dice_mean", "dice_std", "nsd_mean",
+  "nsd_std", "n"}`` (``n``: validation cases evaluated; ``*_std``: sample standard deviation over those cases,
+  ``None`` with fewer than two cases; a metric that was not computed is ``None``);
+* a *timing* is one method: ``{"method", "trainer", "configuration", "status", "epochs", "train_s",
+  "predict_s", "eval_s", "cpu_s", "peak_rss_mb", "peak_cuda_mb", "note"}`` (``cpu_s``: CPU time of the method's
+  processes, user + system, training and prediction).
+
+Figures use matplotlib's Agg backend (no display needed) and are written atomically.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from nnharmony.utils.io import atomic_write
+
+ROW_FIELDS = ["member", "label", "method", "dice_mean", "dice_std", "nsd_mean", "nsd_std", "n"]
+TIMING_FIELDS = ["method", "trainer", "configuration", "status", "epochs", "train_s", "predict_s", "eval_s",
+                 "cpu_s", "peak_rss_mb", "peak_cuda_mb", "note"]
+METRIC_NAMES = {"dice": "Dice", "nsd": "NSD"}
+
+
+# ---------------------------------------------------------------------------------------------- numbers
+def summarize(values: Iterable[float | None]) -> tuple[float | None, float | None, int]:
+    """(mean, sample std, n) of the finite values; nnU-Net writes NaN for a case where Dice is undefined
+    (empty reference and empty prediction) and such cases are left out, as nnU-Net's own means do."""
+    v = np.array([x for x in values if x is not None and math.isfinite(float(x))], dtype=float)
+    if v.size == 0:
+        return None, None, 0
+    return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else None), int(v.size)
+
+
+def _is_num(x: Any) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
+def fmt_mean_std(mean: float | None, std: float | None, digits: int = 3) -> str:
+    if not _is_num(mean):
+        return "–"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if _is_num(std) else f"{mean:.{digits}f}"
+
+
+def fmt_seconds(s: float | None) -> str:
+    if not _is_num(s):
+        return "–"
+    s = float(s)
+    if s < 60:
+        return f"{s:.0f} s"
+    m, sec = divmod(int(round(s)), 60)
+    return f"{m} min {sec:02d} s" if m < 60 else f"{m // 60} h {m % 60:02d} min"
+
+
+def fmt_mb(mb: float | None) -> str:
+    if not _is_num(mb):
+        return "–"
+    return f"{mb / 1024:.2f} GB" if mb >= 1024 else f"{mb:.0f} MB"
+
+
+def _ordered(items: Iterable[str]) -> list[str]:
+    seen: dict[str, None] = {}
+    for i in items:
+        seen.setdefault(i, None)
+    return list(seen)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+def results_table(rows: Sequence[Mapping], metric: str = "dice", methods: Sequence[str] | None = None,
+                  status: Mapping[str, str] | None = None, digits: int = 3) -> str:
+    """Markdown table, one line per member x label and one column per method, cells ``mean ± std`` over the
+    validation cases; the last line is each method's unweighted mean over the member x label lines.
+
+    ``status``: method -> word shown in its cells when it has no numbers (``skipped``, ``failed``)."""
+    status = dict(status or {})
+    methods = list(methods) if methods is not None else _ordered(r["method"] for r in rows)
+    keys = _ordered((r["member"], r["label"]) for r in rows)
+    by = {(r["member"], r["label"], r["method"]): r for r in rows}
+    name = METRIC_NAMES.get(metric, metric)
+    lines = ["| member | label | n | " + " | ".join(methods) + " |",
+             "|---|---|---:|" + "---:|" * len(methods)]
+    per_method: dict[str, list[float]] = {m: [] for m in methods}
+    for member, label in keys:
+        ns = _ordered(str(by[(member, label, m)].get("n")) for m in methods if (member, label, m) in by)
+        cells = []
+        for m in methods:
+            r = by.get((member, label, m))
+            if r is None or not _is_num(r.get(f"{metric}_mean")):
+                cells.append(status.get(m, "–"))
+                continue
+            cells.append(fmt_mean_std(r[f"{metric}_mean"], r.get(f"{metric}_std"), digits))
+            per_method[m].append(float(r[f"{metric}_mean"]))
+        lines.append(f"| {member} | {label} | {'/'.join(ns) if ns else '–'} | " + " | ".join(cells) + " |")
+    if keys:
+        means = []
+        for m in methods:
+            v = per_method[m]
+            complete = len(v) == len(keys)
+            means.append(f"**{np.mean(v):.{digits}f}**" + ("" if complete else f" ({len(v)}/{len(keys)})")
+                         if v else status.get(m, "–"))
+        lines.append(f"| **mean** | | | " + " | ".join(means) + " |")
+    return "\n".join(lines) + f"\n"
+
+
+def timing_table(timings: Sequence[Mapping]) -> str:
+    """Markdown table: one line per method with status, epochs run, times and peak memory."""
+    lines = ["| method | trainer | config | status | epochs | training + validation | prediction | evaluation "
+             "| CPU time | peak RAM | peak GPU memory |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for t in timings:
+        lines.append(
+            f"| {t['method']} | {t.get('trainer') or '–'} | {t.get('configuration') or '–'} | {t.get('status', '–')} "
+            f"| {t.get('epochs') if _is_num(t.get('epochs')) else '–'} | {fmt_seconds(t.get('train_s'))} "
+            f"| {fmt_seconds(t.get('predict_s'))} | {fmt_seconds(t.get('eval_s'))} | {fmt_seconds(t.get('cpu_s'))} "
+            f"| {fmt_mb(t.get('peak_rss_mb'))} "
+            f"| {fmt_mb(t.get('peak_cuda_mb'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(records: Sequence[Mapping], fields: Sequence[str], path: str | os.PathLike) -> None:
+    def _w(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+            w.writeheader()
+            for r in records:
+                w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+
+    atomic_write(path, _w)
+
+
+def write_results_csv(rows: Sequence[Mapping], path: str | os.PathLike) -> None:
+    """Long format, one line per member x label x method (columns ``ROW_FIELDS``; empty cell = not computed)."""
+    _write_csv(rows, ROW_FIELDS, path)
+
+
+def write_timing_csv(timings: Sequence[Mapping], path: str | os.PathLike) -> None:
+    _write_csv(timings, TIMING_FIELDS, path)
+
+
+def write_text(text: str, path: str | os.PathLike) -> None:
+    def _w(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(path, _w)
+
+
+# ---------------------------------------------------------------------------------------------- figures
+def _pyplot():
+    import sys
+
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
+    plt = _pyplot()
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight"))
+    finally:
+        plt.close(fig)
+
+
+def method_colors(methods: Sequence[str]) -> dict[str, Any]:
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10")
+    return {m: cmap(i % 10) for i, m in enumerate(methods)}
+
+
+def plot_metric_bars(rows: Sequence[Mapping], path: str | os.PathLike, metric: str = "dice",
+                     methods: Sequence[str] | None = None, title: str | None = None) -> bool:
+    """Grouped bars: one group per member / label, one bar per method (mean over validation cases, error bar =
+    standard deviation over cases). Returns False (and writes nothing) when there is no number to plot."""
+    methods = list(methods) if methods is not None else _ordered(r["method"] for r in rows)
+    by = {(r["member"], r["label"], r["method"]): r for r in rows}
+    keys = _ordered((r["member"], r["label"]) for r in rows)
+    plotted = [m for m in methods if any(_is_num(by.get((*k, m), {}).get(f"{metric}_mean")) for k in keys)]
+    if not keys or not plotted:
+        return False
+    plt = _pyplot()
+    colors = method_colors(methods)
+    n_groups, n_bars = len(keys), len(plotted)
+    width = 0.8 / n_bars
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + n_groups * (0.35 * n_bars + 0.5)), 4.6))
+    x = np.arange(n_groups)
+    for j, m in enumerate(plotted):
+        means, stds = [], []
+        for k in keys:
+            r = by.get((*k, m), {})
+            means.append(float(r[f"{metric}_mean"]) if _is_num(r.get(f"{metric}_mean")) else np.nan)
+            stds.append(float(r[f"{metric}_std"]) if _is_num(r.get(f"{metric}_std")) else 0.0)
+        pos = x - 0.4 + width * (j + 0.5)
+        ax.bar(pos, np.nan_to_num(means), width, yerr=stds, capsize=2, color=colors[m], label=m,
+               edgecolor="black", linewidth=0.4, error_kw={"elinewidth": 0.8})
+        for p, v in zip(pos, means):
+            if np.isnan(v):
+                ax.text(p, 0.01, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{mem}\n{lab}" for mem, lab in keys], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(f"{METRIC_NAMES.get(metric, metric)} (mean ± std over validation cases)")
+    ax.set_xlabel("member dataset / label")
+    ax.set_title(title or f"{METRIC_NAMES.get(metric, metric)} per member and label")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(title="method", fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _save_figure(fig, path)
+    return True
+
+
+LABEL_COLORS = ["#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#ffff33", "#a65628", "#f781bf",
+                "#00ced1", "#7fff00"]
+
+
+def _label_rgba(seg: np.ndarray, values: Sequence[int], colors: Sequence[str], alpha: float = 0.55) -> np.ndarray:
+    from matplotlib.colors import to_rgba
+
+    rgba = np.zeros((*seg.shape, 4), dtype=float)
+    for v, c in zip(values, colors):
+        rgba[seg == v] = to_rgba(c, alpha)
+    return rgba
+
+
+def best_slice(reference: np.ndarray, axis: int = 0) -> int:
+    """Index along ``axis`` showing the most labels, then the most foreground, in ``reference`` (the middle one
+    if it is empty)."""
+    other = tuple(a for a in range(reference.ndim) if a != axis)
+    counts = (reference > 0).sum(axis=other)
+    if counts.max() == 0:
+        return reference.shape[axis] // 2
+    values = [v for v in np.unique(reference) if v != 0]
+    present = sum(((reference == v).sum(axis=other) > 0).astype(np.int64) for v in values)
+    return int(np.argmax(present * (int(counts.max()) + 1) + counts))
+
+
+def plot_overlay(image: np.ndarray, reference: np.ndarray, predictions: Mapping[str, np.ndarray | None],
+                 path: str | os.PathLike, labels: Mapping[str, int] | None = None, title: str = "",
+                 spacing: Sequence[float] | None = None, scores: Mapping[str, float | None] | None = None,
+                 slice_index: int | None = None, color_index: Mapping[str, int] | None = None) -> int:
+    """One figure, one column each: image, reference on image, every method's prediction on image (an axial
+    slice of 3D arrays ``(z, y, x)`` -- the slice with the most reference foreground unless ``slice_index``).
+    ``labels``: name -> value drawn (colour legend); ``scores``: method -> the case's Dice averaged over its
+    labels, shown in the column title;
+    ``spacing``: voxel spacing in array order (z, y, x), for the aspect ratio; ``color_index``: label name ->
+    index into ``LABEL_COLORS`` (e.g. the global task id, so a structure has one colour in every figure).
+    Returns the slice index."""
+    if image.ndim == 3:
+        z = best_slice(reference) if slice_index is None else slice_index
+        img2, ref2 = image[z], reference[z]
+        preds2 = {m: (p[z] if p is not None else None) for m, p in predictions.items()}
+    else:
+        z = 0
+        img2, ref2, preds2 = image, reference, dict(predictions)
+    if labels is None:
+        vals = sorted({int(v) for v in np.unique(reference) if v != 0})
+        labels = {str(v): v for v in vals}
+    values = list(labels.values())
+    colors = [LABEL_COLORS[(color_index or {}).get(n, i) % len(LABEL_COLORS)] for i, n in enumerate(labels)]
+    aspect = 1.0
+    if spacing is not None and len(spacing) >= 2:
+        aspect = float(spacing[-2]) / float(spacing[-1])  # (y, x) spacing of the shown slice
+    lo, hi = np.percentile(img2, [0.5, 99.5]) if img2.size else (0, 1)
+    plt = _pyplot()
+    cols = 2 + len(preds2)
+    panel_h = 2.6 * aspect * img2.shape[0] / max(1, img2.shape[1])
+    fig, axes = plt.subplots(1, cols, figsize=(2.6 * cols, panel_h + 1.0))
+    axes = np.atleast_1d(axes)
+    panels = [("image", None), ("reference", ref2)] + list(preds2.items())
+    for ax, (name, seg) in zip(axes, panels):
+        ax.imshow(img2, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, aspect=aspect,
+                  interpolation="nearest")
+        head = name
+        if name not in ("image", "reference"):
+            if seg is None:
+                ax.text(0.5, 0.5, "no prediction", transform=ax.transAxes, ha="center", va="center",
+                        color="white", fontsize=9, bbox={"facecolor": "black", "alpha": 0.6})
+            s = (scores or {}).get(name)
+            if _is_num(s):
+                head = f"{name}\nmean Dice {s:.2f}"
+        if seg is not None:
+            ax.imshow(_label_rgba(seg, values, colors), aspect=aspect, interpolation="nearest")
+        ax.set_title(head, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=c, label=f"{n} ({v})") for c, (n, v) in zip(colors, labels.items())]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False,
+                   bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(f"{title}  (slice {z})" if title else f"slice {z}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    _save_figure(fig, path)
+    return z
+
+
+# ---------------------------------------------------------------------------------------------- the report
+def markdown_report(bench: Mapping[str, Any]) -> str:
+    """``results.md``: settings, the Dice and NSD tables, timing and memory, notes and the figures."""
+    rows = bench.get("rows", [])
+    methods = [t["method"] for t in bench.get("timings", [])] or _ordered(r["method"] for r in rows)
+    status = {t["method"]: t["status"] for t in bench.get("timings", []) if t.get("status") != "ok"}
+    s = bench.get("settings", {})
+    out = [f"# nnharmony benchmark: {s.get('collection', '')}", ""]
+    out.append(f"fold {s.get('fold')}, budget {s.get('budget')}, device {s.get('device')}"
+               + (f" x {s['num_gpus']}" if s.get("num_gpus", 1) > 1 else "")
+               + f", started {bench.get('started', '')}, total {fmt_seconds(bench.get('total_s'))}.")
+    out.append("")
+    out.append("## Dice per member and label (mean ± std over validation cases)")
+    out.append("")
+    out.append(results_table(rows, "dice", methods, status))
+    if any(_is_num(r.get("nsd_mean")) for r in rows):
+        out.append(f"## NSD at {s.get('nsd_tolerance_mm')} mm (mean ± std over validation cases)")
+        out.append("")
+        out.append(results_table(rows, "nsd", methods, status))
+    out.append("## Training time and peak memory per method")
+    out.append("")
+    out.append(timing_table(bench.get("timings", [])))
+    notes = [f"- **{t['method']}**: {t['note']}" for t in bench.get("timings", []) if t.get("note")]
+    if notes:
+        out += ["### Notes", ""] + notes + [""]
+    figs = bench.get("figures", {})
+    if figs.get("bars"):
+        out += ["## Figures", "", f"![Dice per member and label]({figs['bars']})", ""]
+    for o in figs.get("overlays", []):
+        out += [f"![{o}]({o})", ""]
+    out += ["## How to read this", "",
+            "- Each cell is the mean over the member's validation cases of this fold, ± the standard deviation over "
+            "those cases; `n` is the number of cases. The **mean** line averages the lines above it (each member x "
+            "label counts once).",
+            "- Every method trained on the same training cases with the same budget and is evaluated on the same "
+            "validation cases, against nnU-Net's `gt_segmentations` of each member, in the member's own geometry.",
+            "- `nnunet` is the per-dataset paradigm: one plain nnU-Net per member. `universeg` segments each label "
+            "from a support set of the member's training cases (in-context), see the notes.",
+            "- Times are wall-clock; *training + validation* includes the trainer's final validation (sliding-window "
+            "prediction of the validation cases). *CPU time* is the user + system time of the method's processes "
+            "(on a busy machine it shows the work done better than wall time). Peak RAM is the largest resident "
+            "size of one process of the method (training, augmentation workers); peak GPU memory is PyTorch's "
+            "maximum allocated memory.",
+            "- With a tiny budget (the quick preset) the numbers show that the pipeline works end to end; they do "
+            "not rank the methods.", ""]
+    return "\n".join(out)
