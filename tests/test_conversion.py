@@ -695,3 +695,21 @@ def test_real_collection_spec_modalities_and_merged_tasks(real_raw):
     liver_ct = next(t for t in spec.member(950).tasks if t.label == "liver").values
     liver_mr = next(t for t in spec.member(951).tasks if t.label == "liver").values
     assert liver_ct and liver_mr
+
+
+def test_process_pool_path_matches_sequential(raw, tmp_path, monkeypatch):
+    """Large datasets are read in a spawn process pool (SimpleITK readers crash when shared by threads)."""
+    import nnharmony.dataset_conversion.convert as convert_mod
+    import nnharmony.dataset_conversion.validation as validation_mod
+
+    images, labels = plain_folder(tmp_path / "src", n=6)
+    monkeypatch.setattr(convert_mod, "PARALLEL_MIN_CASES", 2)
+    monkeypatch.setattr(validation_mod, "PARALLEL_MIN_CASES", 2)
+    out = convert_plain_folder(images, labels, 41, "Pool", modalities=["CT"], label_names={"organ": 3, "tumor": 7},
+                               num_processes=2)
+    assert entries(out / "labelsTr") == [f"case{k}.nii.gz" for k in range(6)]
+    validate_raw_dataset(41, check_images=True, num_processes=2)
+    _undeclared(tmp_path / "src")
+    with pytest.raises(CollectionError, match=r"labels/case2.nrrd: label value\(s\) \[8\] not declared"):
+        convert_plain_folder(images, labels, 42, "PoolBad", modalities=["CT"],
+                             label_names={"organ": 3, "tumor": 7}, num_processes=2)

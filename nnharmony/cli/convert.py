@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp):
         sp.add_argument("-o", "--output", type=Path, default=None, help="raw folder (default: $nnUNet_raw)")
         sp.add_argument("--overwrite", action="store_true", help="replace a dataset that already uses the id")
-        sp.add_argument("-np", "--num-processes", type=int, default=None, help="reader threads (default: up to 4)")
+        sp.add_argument("-np", "--num-processes", type=int, default=None, help="reader processes for large datasets (default: up to 4)")
 
     s = sub.add_parser(
         "msd", help="Medical Segmentation Decathlon task folder (TaskXX_Name)",
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-d", "--dataset", nargs="+", required=True, help="dataset ids, names or folders")
     s.add_argument("--headers-only", action="store_true", help="do not read voxel data")
     s.add_argument("-o", "--output", type=Path, default=None, help="raw folder (default: $nnUNet_raw)")
-    s.add_argument("-np", "--num-processes", type=int, default=None, help="reader threads (default: up to 4)")
+    s.add_argument("-np", "--num-processes", type=int, default=None, help="reader processes for large datasets (default: up to 4)")
     return p
 
 

@@ -45,11 +45,13 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -59,6 +61,7 @@ import SimpleITK as sitk
 
 from nnharmony.data.collection import CollectionError, fold_name
 from nnharmony.dataset_conversion.validation import (
+    PARALLEL_MIN_CASES,
     Geometry,
     _nifti_nonfinite,
     check_channel_names,
@@ -427,11 +430,101 @@ def _short(e: Exception) -> str:
 
 
 def _pmap(fn: Callable, items: Sequence, num_processes: int | None) -> list:
+    """Map ``fn`` over cases; a spawn process pool for larger datasets (SimpleITK readers are not safe to use
+    from several threads at once)."""
     n = num_processes if num_processes is not None else max(1, min(4, os.cpu_count() or 1))
-    if n > 1 and len(items) > 4:
-        with ThreadPoolExecutor(n) as ex:
-            return list(ex.map(fn, items))
+    if n > 1 and len(items) > PARALLEL_MIN_CASES:
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as ex:
+            return list(ex.map(fn, items, chunksize=2))
     return [fn(i) for i in items]
+
+
+def _check_source_case(c: _SourceCase, num_channels: int, modalities: Sequence[str]):
+    """Pass 1 for one case: (problems, effective dimension, label values present)."""
+    probs: list[str] = []
+    geoms = []
+    for f in c.images:
+        try:
+            g, n = _channel_geometry(f)
+        except CollectionError as e:
+            return [str(e)], None, None
+        except RuntimeError as e:
+            return [f"{f}: cannot be read by SimpleITK ({_short(e)})"], None, None
+        geoms.append((f, g, n))
+    n_total = sum(n for _, _, n in geoms)
+    if n_total != num_channels or (len(geoms) > 1 and any(n != 1 for _, _, n in geoms)):
+        probs.append(
+            f"{c.images[0]}: case {c.case!r} has {n_total} channel(s) in {len(geoms)} file(s), expected "
+            f"{num_channels} (modalities {list(modalities)})"
+        )
+        return probs, None, None
+    ref = geoms[0][1]
+    for f, g, _ in geoms[1:]:
+        why = geometry_mismatch(ref, g)
+        if why:
+            probs.append(f"{f}: geometry mismatch with {c.images[0]}: {why}")
+    values = None
+    if c.label is not None:
+        try:
+            lg, ln = _channel_geometry(c.label)
+        except CollectionError as e:
+            return probs + [str(e)], None, None
+        except RuntimeError as e:
+            return probs + [f"{c.label}: cannot be read by SimpleITK ({_short(e)})"], None, None
+        why = geometry_mismatch(ref, lg) if ln == 1 else f"label map is 4D ({ln} volumes)"
+        if why:
+            probs.append(f"{c.label}: geometry mismatch with image {c.images[0]}: {why}")
+        else:
+            arr, why = _read_label(c.label)
+            if why:
+                probs.append(f"{c.label}: {why}")
+            else:
+                values = set(np.unique(arr).tolist())
+    return probs, ref.effective_dimension, values
+
+
+def _write_source_case(item: tuple[_SourceCase, str], staging: Path, plan: _LabelPlan | None, undeclared: str,
+                       verbatim_images: str | None, file_ending: str) -> list[str]:
+    """Pass 2 for one case: write its channels and label map into ``staging``; returns problems."""
+    c, sub = item
+    probs = []
+    out_dir = staging / sub
+    first_img = None
+    ch = 0
+    for f in c.images:
+        try:
+            img = sitk.ReadImage(str(f))
+        except RuntimeError as e:
+            return [f"{f}: cannot be read by SimpleITK ({_short(e)})"]
+        why = check_image_array(sitk.GetArrayViewFromImage(img), f)
+        if why:
+            probs.append(f"{f}: {why}")
+            continue
+        vols = [img[:, :, :, t] for t in range(img.GetSize()[3])] if img.GetDimension() == 4 else [img]
+        for v in vols:
+            if first_img is None:
+                first_img = v
+            out = out_dir / f"{c.case}_{ch:04d}{file_ending}"
+            if verbatim_images is not None and len(vols) == 1:
+                _link_or_copy(f, out, verbatim_images)
+            else:
+                if v.GetPixelID() == sitk.sitkFloat64:
+                    v = sitk.Cast(v, sitk.sitkFloat32)
+                sitk.WriteImage(v, str(out), useCompression=True)
+            ch += 1
+    if probs or c.label is None:
+        return probs
+    arr, why = _read_label(c.label)
+    if why:
+        return [f"{c.label}: {why}"]
+    if plan is not None:
+        arr = _apply_lut(arr, plan.lut, undeclared == "background")
+    else:
+        arr = arr.astype(np.uint8 if arr.max() <= 255 else np.uint16)
+    lab = sitk.GetImageFromArray(arr)
+    lab.CopyInformation(first_img)
+    sitk.WriteImage(lab, str(staging / "labelsTr" / f"{c.case}{file_ending}"), useCompression=True)
+    return []
 
 
 def _raise_problems(target: str, problems: list[str]) -> None:
@@ -493,49 +586,8 @@ def _convert_cases(
         raise CollectionError(f"{target}: no training cases found")
 
     # ---- pass 1: headers, geometry, label values (nothing written yet)
-    def check(c: _SourceCase):
-        probs: list[str] = []
-        geoms = []
-        for f in c.images:
-            try:
-                g, n = _channel_geometry(f)
-            except CollectionError as e:
-                return [str(e)], None, None
-            except RuntimeError as e:
-                return [f"{f}: cannot be read by SimpleITK ({_short(e)})"], None, None
-            geoms.append((f, g, n))
-        n_total = sum(n for _, _, n in geoms)
-        if n_total != num_channels or (len(geoms) > 1 and any(n != 1 for _, _, n in geoms)):
-            probs.append(
-                f"{c.images[0]}: case {c.case!r} has {n_total} channel(s) in {len(geoms)} file(s), expected "
-                f"{num_channels} (modalities {list(modalities)})"
-            )
-            return probs, None, None
-        ref = geoms[0][1]
-        for f, g, _ in geoms[1:]:
-            why = geometry_mismatch(ref, g)
-            if why:
-                probs.append(f"{f}: geometry mismatch with {c.images[0]}: {why}")
-        values = None
-        if c.label is not None:
-            try:
-                lg, ln = _channel_geometry(c.label)
-            except CollectionError as e:
-                return probs + [str(e)], None, None
-            except RuntimeError as e:
-                return probs + [f"{c.label}: cannot be read by SimpleITK ({_short(e)})"], None, None
-            why = geometry_mismatch(ref, lg) if ln == 1 else f"label map is 4D ({ln} volumes)"
-            if why:
-                probs.append(f"{c.label}: geometry mismatch with image {c.images[0]}: {why}")
-            else:
-                arr, why = _read_label(c.label)
-                if why:
-                    probs.append(f"{c.label}: {why}")
-                else:
-                    values = set(np.unique(arr).tolist())
-        return probs, ref.effective_dimension, values
-
-    results = _pmap(check, list(cases) + list(test_cases), num_processes)
+    results = _pmap(partial(_check_source_case, num_channels=num_channels, modalities=list(modalities)),
+                    list(cases) + list(test_cases), num_processes)
     problems = [p for probs, _, _ in results for p in probs]
     dims: dict[int, str] = {}
     for c, (_, d, _) in zip(list(cases) + list(test_cases), results):
@@ -571,48 +623,9 @@ def _convert_cases(
     if test_cases:
         (staging / "imagesTs").mkdir()
 
-    def write(item: tuple[_SourceCase, str]):
-        c, sub = item
-        probs = []
-        out_dir = staging / sub
-        first_img = None
-        ch = 0
-        for f in c.images:
-            try:
-                img = sitk.ReadImage(str(f))
-            except RuntimeError as e:
-                return [f"{f}: cannot be read by SimpleITK ({_short(e)})"]
-            why = check_image_array(sitk.GetArrayViewFromImage(img), f)
-            if why:
-                probs.append(f"{f}: {why}")
-                continue
-            vols = [img[:, :, :, t] for t in range(img.GetSize()[3])] if img.GetDimension() == 4 else [img]
-            for v in vols:
-                if first_img is None:
-                    first_img = v
-                out = out_dir / f"{c.case}_{ch:04d}{file_ending}"
-                if verbatim_images is not None and len(vols) == 1:
-                    _link_or_copy(f, out, verbatim_images)
-                else:
-                    if v.GetPixelID() == sitk.sitkFloat64:
-                        v = sitk.Cast(v, sitk.sitkFloat32)
-                    sitk.WriteImage(v, str(out), useCompression=True)
-                ch += 1
-        if probs or c.label is None:
-            return probs
-        arr, why = _read_label(c.label)
-        if why:
-            return [f"{c.label}: {why}"]
-        if plan is not None:
-            arr = _apply_lut(arr, plan.lut, undeclared == "background")
-        else:
-            arr = arr.astype(np.uint8 if arr.max() <= 255 else np.uint16)
-        lab = sitk.GetImageFromArray(arr)
-        lab.CopyInformation(first_img)
-        sitk.WriteImage(lab, str(staging / "labelsTr" / f"{c.case}{file_ending}"), useCompression=True)
-        return []
-
     items = [(c, "imagesTr") for c in cases] + [(c, "imagesTs") for c in test_cases]
+    write = partial(_write_source_case, staging=staging, plan=plan, undeclared=undeclared,
+                    verbatim_images=verbatim_images, file_ending=file_ending)
     problems = [p for probs in _pmap(write, items, num_processes) for p in probs]
     _raise_problems(target, problems)
     return plan, present

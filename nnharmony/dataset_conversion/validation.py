@@ -20,7 +20,8 @@ Checks (``validate_raw_dataset``):
 - with ``check_images``: no NaN/Inf in images, integral label values, and only declared label values.
 
 Header checks read only the image headers (``sitk.ImageFileReader.ReadImageInformation``); voxel checks read
-the arrays, in a thread pool (200 small cases take about a second).
+the arrays, in a spawn process pool for larger datasets (SimpleITK readers crash when used from several
+threads at once: a segfault seen on CI).
 
 ``validate_members_compatible`` checks that datasets meant for one collection have the same dimensionality;
 ``check_collection_target`` refuses to reuse a collection name whose existing spec has different members.
@@ -28,9 +29,10 @@ the arrays, in a thread pool (200 small cases take about a second).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -42,6 +44,7 @@ from nnharmony.data.collection import CollectionError
 
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 MAX_LISTED_PROBLEMS = 20
+PARALLEL_MIN_CASES = 64
 
 # geometry tolerances (image channel vs label, channel vs channel)
 SPACING_RTOL = 1e-3
@@ -420,7 +423,7 @@ def validate_raw_dataset(
 
     ``dataset``: id, ``DatasetXXX_Name`` (looked up in ``raw_root`` or ``$nnUNet_raw``) or folder path.
     ``check_images``: also read voxel data (NaN/Inf, label values); otherwise headers only.
-    ``num_processes``: reader threads (default: up to 4, limited by the CPU count).
+    ``num_processes``: reader processes for voxel checks of large datasets (default: up to 4, limited by the CPU count).
     ``display_name``: name used in messages (converters validate a staging folder under the final name).
     """
     folder = resolve_dataset_folder(dataset, raw_root)
@@ -431,15 +434,13 @@ def validate_raw_dataset(
     if num_processes is None:
         num_processes = max(1, min(4, os.cpu_count() or 1))
     items = sorted(cases.items())
-
-    def work(item):
-        return _check_case(folder, item[0], item[1], declared, check_images)
-
-    if num_processes > 1 and len(items) > 4:
-        with ThreadPoolExecutor(num_processes) as ex:
-            results = list(ex.map(work, items))
+    args = [(folder, case, files, declared, check_images) for case, files in items]
+    # Header reads take about a millisecond each; a process pool only pays off when voxel data of many cases is read.
+    if num_processes > 1 and check_images and len(items) > PARALLEL_MIN_CASES:
+        with ProcessPoolExecutor(num_processes, mp_context=multiprocessing.get_context("spawn")) as ex:
+            results = list(ex.map(_check_case, *zip(*args), chunksize=4))
     else:
-        results = [work(it) for it in items]
+        results = [_check_case(*a) for a in args]
     problems = [p for probs, _ in results for p in probs]
     dims = {}
     for (case, _), (_, d) in zip(items, results):
