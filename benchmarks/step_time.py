@@ -133,7 +133,9 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", name, "-c", args.collection, "-cfg", args.configuration,
                "-device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--loader-batches", str(args.loader_batches)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        # the reference step is not compiled; compile none unless the user asks (nnUNet_compile=t)
+        env = {"nnUNet_compile": "f", **os.environ}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if out.returncode != 0 or not line:
             print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)

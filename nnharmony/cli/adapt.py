@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nnharmony.cli.common import exit_on_user_error
+from nnharmony.cli.common import exit_on_user_error, parse_trainer_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--iterations-per-epoch", type=int, default=250)
     p.add_argument("--val-iterations-per-epoch", type=int, default=50)
+    p.add_argument("--trainer-options", default=None,
+                   help="JSON object of trainer attributes for fine-tuning, as for nnharmony_train")
     return p
 
 
@@ -34,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     from nnharmony.trainers.adapt import adapt_model
 
     adapt_model(args.old, args.collection, args.tr, args.cfg, args.f if args.f == "all" else int(args.f), args.p,
-                args.device, args.epochs, args.iterations_per_epoch, args.val_iterations_per_epoch, args.chk)
+                args.device, args.epochs, args.iterations_per_epoch, args.val_iterations_per_epoch, args.chk,
+                parse_trainer_options(args.trainer_options))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from typing import Callable, Iterable
@@ -32,3 +33,16 @@ def parse_key_value_pairs(items: Iterable[str], flag: str) -> dict[str, str]:
         k, v = item.split("=", 1)
         out[k.strip()] = v.strip()
     return out
+
+
+def parse_trainer_options(text: str | None) -> dict:
+    """``--trainer-options`` JSON object of trainer attributes (empty when not given)."""
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--trainer-options is not valid JSON: {e}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"--trainer-options must be a JSON object of trainer attributes, got {text!r}")
+    return options

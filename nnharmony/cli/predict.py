@@ -16,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--collection", required=True)
     p.add_argument("-tr", default="nnHarmonyTrainer")
     p.add_argument("-p", default="nnHarmonyPlans")
-    p.add_argument("-cfg", default="3d_fullres", help="configuration (default 3d_fullres)")
+    p.add_argument("-cfg", default=None,
+                   help="configuration (default: the only one trained for this trainer, else 3d_fullres)")
     p.add_argument("-f", nargs="+", default=None, help="folds to ensemble (default: all trained folds)")
     p.add_argument("-chk", default="checkpoint_final.pth")
     p.add_argument("--dataset", default=None, help="member dataset id of the input images, or 'auto'")
@@ -40,7 +41,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from nnharmony.utils.find_class import find_trainer_class
 
+    from nnharmony.inference.predict_folder import default_configuration, model_folder, predict_folder
+
     trainer_class = find_trainer_class(args.tr)
+    if args.cfg is None:
+        args.cfg = default_configuration(args.collection, args.tr, args.p)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("-device cuda was requested but no CUDA device is available; use -device cpu")
     if hasattr(trainer_class, "predict_from_support"):
@@ -49,7 +54,6 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.support is not None:
         raise ValueError(f"--support is for in-context trainers (UniverSegTrainer), not {args.tr}")
-    from nnharmony.inference.predict_folder import model_folder, predict_folder
     from nnharmony.inference.predictor import CollectionPredictor
 
     folder = model_folder(args.collection, args.tr, args.p, args.cfg)

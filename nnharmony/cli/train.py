@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from nnharmony.cli.common import exit_on_user_error
+from nnharmony.cli.common import exit_on_user_error, parse_trainer_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,12 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from nnharmony.trainers.run import TrainingOptions, run_training
 
-    trainer_options = {}
-    if args.trainer_options:
-        try:
-            trainer_options = json.loads(args.trainer_options)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--trainer-options is not valid JSON: {e}") from None
+    trainer_options = parse_trainer_options(args.trainer_options)
     if args.holdout:
         trainer_options["holdout"] = [int(h) if h.isdigit() else h for h in args.holdout]
     run_training(TrainingOptions(

@@ -224,7 +224,7 @@ def ensure_collection(opts: BenchmarkOptions, configurations: Sequence[str], log
                       log_file: Path | None = None) -> str:
     """Name of a collection planned for ``configurations``; plans (and for the synthetic one generates) it, with
     nnU-Net's output going to ``log_file`` (if given)."""
-    from nnharmony.paths import collection_spec_path, raw_dir
+    from nnharmony.paths import collection_spec_path
 
     name = collection_name(opts)
     ids = list(opts.dataset_ids or [])

@@ -82,7 +82,6 @@ def results_table(rows: Sequence[Mapping], metric: str = "dice", methods: Sequen
     methods = list(methods) if methods is not None else _ordered(r["method"] for r in rows)
     keys = _ordered((r["member"], r["label"]) for r in rows)
     by = {(r["member"], r["label"], r["method"]): r for r in rows}
-    name = METRIC_NAMES.get(metric, metric)
     lines = ["| member | label | n | " + " | ".join(methods) + " |",
              "|---|---|---:|" + "---:|" * len(methods)]
     per_method: dict[str, list[float]] = {m: [] for m in methods}
@@ -104,8 +103,8 @@ def results_table(rows: Sequence[Mapping], metric: str = "dice", methods: Sequen
             complete = len(v) == len(keys)
             means.append(f"**{np.mean(v):.{digits}f}**" + ("" if complete else f" ({len(v)}/{len(keys)})")
                          if v else status.get(m, "–"))
-        lines.append(f"| **mean** | | | " + " | ".join(means) + " |")
-    return "\n".join(lines) + f"\n"
+        lines.append("| **mean** | | | " + " | ".join(means) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def timing_table(timings: Sequence[Mapping]) -> str:

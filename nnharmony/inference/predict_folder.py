@@ -15,6 +15,14 @@ def model_folder(collection: str, trainer: str, plans: str, configuration: str) 
     return results_dir() / collection / f"{trainer}__{plans}__{configuration}"
 
 
+def default_configuration(collection: str, trainer: str, plans: str) -> str:
+    """The configuration to predict with when ``-cfg`` is not given: the only one trained, else 3d_fullres."""
+    prefix = f"{trainer}__{plans}__"
+    root = results_dir() / collection
+    trained = sorted(p.name[len(prefix):] for p in root.glob(prefix + "*") if p.is_dir()) if root.is_dir() else []
+    return trained[0] if len(trained) == 1 else "3d_fullres"
+
+
 def list_cases(input_folder: str | Path, file_ending: str) -> dict[str, list[str]]:
     """case id -> channel files, sorted by channel index; a clear error for an empty or malformed folder."""
     folder = Path(input_folder)
@@ -33,6 +41,26 @@ def list_cases(input_folder: str | Path, file_ending: str) -> dict[str, list[str
         idx = [int(Path(c).name[: -len(file_ending)][-4:]) for c in chans]
         if idx != list(range(len(chans))):
             raise ValueError(f"{folder}: case {case} has channels {idx}; expected 0..{len(chans) - 1} without gaps")
+    return cases
+
+
+def list_cases_any_ending(input_folder: str | Path, file_endings: Sequence[str]) -> dict[str, list[str]]:
+    """Cases of every member's file ending (``--dataset auto`` over members stored in different formats)."""
+    cases: dict[str, list[str]] = {}
+    errors = []
+    for ending in file_endings:
+        try:
+            found = list_cases(input_folder, ending)
+        except ValueError as e:
+            errors.append(e)
+            continue
+        clash = sorted(set(found) & set(cases))
+        if clash:
+            raise ValueError(f"{input_folder}: case(s) {clash[:5]} exist with more than one file ending")
+        cases.update(found)
+    if not cases:
+        raise errors[0] if len(errors) == 1 else ValueError(
+            f"{input_folder}: no images found for any of the file endings {list(file_endings)}: {errors}")
     return cases
 
 
@@ -66,9 +94,10 @@ def predict_folder(predictor, input_folder: str | Path, output_folder: str | Pat
     trainer_class = predictor.trainer_class
     member_index = resolve_member(spec, dataset, getattr(trainer_class, "supports_auto_dataset", False),
                                   trainer_class.__name__)
-    endings = {m.file_ending for m in spec.members}
-    ending = spec.members[member_index].file_ending if member_index is not None else sorted(endings)[0]
-    cases = list_cases(input_folder, ending)
+    if member_index is not None:
+        cases = list_cases(input_folder, spec.members[member_index].file_ending)
+    else:
+        cases = list_cases_any_ending(input_folder, sorted({m.file_ending for m in spec.members}))
     task_ids = None
     if tasks:
         unknown = [t for t in tasks if t not in spec.tasks]
@@ -85,9 +114,10 @@ def predict_folder(predictor, input_folder: str | Path, output_folder: str | Pat
     out = Path(output_folder)
     out.mkdir(parents=True, exist_ok=True)
     info: dict[str, dict] = {}
+    out_endings = ({spec.members[member_index].file_ending} if member_index is not None
+                   else {m.file_ending for m in spec.members})
     for case, files in tqdm(cases.items(), desc="predicting", unit="case"):
-        target = out / (case + ending)
-        if not overwrite and target.is_file():
+        if not overwrite and any((out / (case + e)).is_file() for e in out_endings):
             continue
         if member_index is None:
             idx, extra = trainer_class.infer_member(predictor, files)

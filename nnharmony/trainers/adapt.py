@@ -17,8 +17,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
-
 from nnharmony.data.collection import CollectionSpec, check_extends
 from nnharmony.utils.io import atomic_write, save_json_atomic
 
@@ -69,8 +67,9 @@ def _dice_table(summaries: dict[str, dict]) -> dict[str, dict[str, float]]:
 def adapt_model(old_collection: str, new_collection: str, trainer_name: str, configuration: str = "3d_fullres",
                 fold: int | str = 0, plans: str = "nnHarmonyPlans", device: str = "cpu", epochs: int = 50,
                 iterations_per_epoch: int = 250, val_iterations_per_epoch: int = 50,
-                checkpoint: str = "checkpoint_final.pth") -> dict:
-    """Adapt, fine-tune and report. Returns the report dict (also written next to the new model)."""
+                checkpoint: str = "checkpoint_final.pth", trainer_options: dict | None = None) -> dict:
+    """Adapt, fine-tune and report. Returns the report dict (also written next to the new model).
+    ``trainer_options``: trainer attributes for fine-tuning (as ``nnharmony_train --trainer-options``)."""
     from nnharmony.inference.predict_folder import model_folder
     from nnharmony.trainers.checkpoint import load_checkpoint_file
     from nnharmony.trainers.run import TrainingOptions, _apply_options, _device, build_trainer
@@ -85,7 +84,8 @@ def adapt_model(old_collection: str, new_collection: str, trainer_name: str, con
                                 expected_collection=old_spec)
     opts = TrainingOptions(new_collection, configuration, fold, trainer_name, plans, device=device, epochs=epochs,
                            iterations_per_epoch=iterations_per_epoch,
-                           val_iterations_per_epoch=val_iterations_per_epoch)
+                           val_iterations_per_epoch=val_iterations_per_epoch,
+                           trainer_options=dict(trainer_options or {}))
     trainer = build_trainer(opts, _device(opts))
     check_extends(trainer.spec, old_spec)
     _apply_options(trainer, opts)

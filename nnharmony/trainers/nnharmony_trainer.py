@@ -20,7 +20,6 @@ import shutil
 from os.path import join
 from typing import Any
 
-import numpy as np
 import torch
 from torch import autocast, distributed as dist
 
@@ -88,8 +87,13 @@ class nnHarmonyTrainer(nnUNetTrainer):
     def configure_optimizers(self):
         from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
-        params = (type(self).adaptation_parameters(self.unwrapped_network()) if self.adaptation_mode
-                  else self.network.parameters())
+        if self.adaptation_mode:
+            params = type(self).adaptation_parameters(self.unwrapped_network())
+            tuned = {id(p) for p in params}
+            for p in self.network.parameters():  # frozen weights need no gradients (time and memory)
+                p.requires_grad_(id(p) in tuned)
+        else:
+            params = self.network.parameters()
         if self.optimizer_name == "sgd":
             optimizer = torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
                                         nesterov=True)

@@ -11,7 +11,6 @@ import multiprocessing
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 import torch.distributed as dist

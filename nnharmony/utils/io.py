@@ -16,11 +16,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it; done once at import, before any threads start
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 def _json_default(o: Any) -> Any:
