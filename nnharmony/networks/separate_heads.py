@@ -2,8 +2,9 @@
 
 The heads are 1x1 convolutions over the backbone's decoder features; channels of a 1x1 convolution are
 independent, so one convolution with ``sum_m T_m`` outputs *is* ``M`` separate heads. Each sample's own head
-is scattered into the global task layout ``(B, T, *spatial)``; the other tasks stay at a large negative logit
-(probability 0) and are ignored by the partial-label loss. The dataset must be known at inference.
+is scattered into the global task layout ``(B, T, *spatial)``; the other tasks stay at ``ABSENT_TASK_LOGIT``
+(probability ~4e-44) and are ignored by the partial-label loss. The value is moderate on purpose: nnU-Net's
+sliding window accumulates Gaussian-weighted logits in float16, where -1e4 x weight 10 overflows to -inf. The dataset must be known at inference.
 """
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from typing import Sequence
 
 import torch
 from torch import nn
+
+
+ABSENT_TASK_LOGIT = -100.0
 
 
 class SeparateHeadsNet(nn.Module):
@@ -34,7 +38,7 @@ class SeparateHeadsNet(nn.Module):
         self._member_index = None if member_index is None else torch.tensor([member_index])
 
     def _scatter(self, out: torch.Tensor, member_index: torch.Tensor) -> torch.Tensor:
-        full = out.new_full((out.shape[0], self.num_tasks, *out.shape[2:]), -1e4 if out.dtype == torch.float32 else -3e4)
+        full = out.new_full((out.shape[0], self.num_tasks, *out.shape[2:]), ABSENT_TASK_LOGIT)
         for b in range(out.shape[0]):
             m = int(member_index[b] if member_index.numel() > 1 else member_index[0])
             full[b, self.member_task_ids[m]] = out[b, self.offsets[m]:self.offsets[m + 1]]

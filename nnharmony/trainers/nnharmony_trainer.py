@@ -148,6 +148,8 @@ class nnHarmonyTrainer(nnUNetTrainer):
             super().initialize()
         finally:
             self.is_ddp = True
+        if not self._do_i_compile():
+            self.loss = self._build_loss()  # DDP deep-supervision weights: the lowest scale must stay in the graph
         self._set_batch_size_and_oversample()
         self.network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.network)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
