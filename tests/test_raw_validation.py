@@ -10,7 +10,6 @@ import SimpleITK as sitk
 
 from nnharmony.data.collection import CollectionError
 from nnharmony.dataset_conversion.validation import (
-    check_collection_target,
     validate_collection_inputs,
     validate_members_compatible,
     validate_raw_dataset,
@@ -302,22 +301,20 @@ def test_validate_collection_inputs(raw):
 
 
 def test_collection_name_taken_with_different_members(raw, tmp_path):
-    pre = tmp_path / "pre"
-    spec_dir = pre / "Collection900_X"
-    spec_dir.mkdir(parents=True)
-    (spec_dir / "collection.json").write_text(json.dumps(
-        {"name": "Collection900_X", "members": [{"dataset_name": "Dataset001_Tiny"}, {"dataset_name": "Dataset002_B"}]}))
+    from nnharmony.data.collection import build_collection_spec
+    from nnharmony.planners.plan_and_preprocess import plan_and_preprocess_collection
+
+    for did, name in ((1, "Tiny"), (2, "B"), (3, "C")):
+        make_dataset(raw, did, name=name)
+    spec_dir = tmp_path / "pre" / "Collection900_X"
+    build_collection_spec("Collection900_X", [1, 2]).save(spec_dir / "collection.json")
     before = sorted(p.name for p in spec_dir.iterdir())
-    check_collection_target("Collection900_X", ["Dataset002_B", "Dataset001_Tiny"])  # same members
-    check_collection_target("Collection900_X", [1, 2])  # same, by id
-    check_collection_target("Collection901_New", [1, 3])  # new name
     with pytest.raises(CollectionError) as ei:
-        check_collection_target("Collection900_X", ["Dataset001_Tiny", "Dataset003_C"])
+        plan_and_preprocess_collection([1, 3], "Collection900_X", ["3d_fullres"])
     msg = str(ei.value)
-    assert "collection Collection900_X already exists" in msg and "different members" in msg and "--clean" in msg
-    assert "Dataset002_B" in msg and "Dataset003_C" in msg
-    check_collection_target("Collection900_X", ["Dataset003_C"], clean=True)
-    assert sorted(p.name for p in spec_dir.iterdir()) == before  # checking never writes
+    assert "collection Collection900_X already exists" in msg and "[1, 2], not [1, 3]" in msg and "--clean" in msg
+    assert sorted(p.name for p in spec_dir.iterdir()) == before  # refused before anything was written
+    assert not (tmp_path / "pre" / "Dataset001_Tiny").exists()  # and before any member was planned
 
 
 # ---------------------------------------------------------------------------------------------- nnU-Net agrees

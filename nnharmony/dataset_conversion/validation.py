@@ -23,8 +23,8 @@ Header checks read only the image headers (``sitk.ImageFileReader.ReadImageInfor
 the arrays, in a spawn process pool for larger datasets (SimpleITK readers crash when used from several
 threads at once: a segfault seen on CI).
 
-``validate_members_compatible`` checks that datasets meant for one collection have the same dimensionality;
-``check_collection_target`` refuses to reuse a collection name whose existing spec has different members.
+``validate_members_compatible`` checks that datasets meant for one collection have the same dimensionality
+(reusing a collection name with different members is refused by the planner).
 """
 from __future__ import annotations
 
@@ -493,40 +493,3 @@ def validate_collection_inputs(
         validate_raw_dataset(f, check_images=check_images, num_processes=num_processes)
     validate_members_compatible(folders)
     return folders
-
-
-def _dataset_id(d: int | str) -> int | str:
-    m = re.match(r"^Dataset(\d+)_", str(d))
-    if m:
-        return int(m.group(1))
-    try:
-        return int(d)
-    except (TypeError, ValueError):
-        return str(d)
-
-
-def check_collection_target(name: str, dataset_names: Sequence[str], clean: bool = False,
-                            preprocessed_root: Path | None = None) -> None:
-    """Refuse to reuse collection ``name`` when its existing spec lists different members (unless ``clean``).
-
-    ``dataset_names``: the new members, as ``DatasetXXX_Name`` folder names or ids (compared by id)."""
-    from nnharmony.paths import COLLECTION_SPEC_FILE, preprocessed_dir
-
-    root = preprocessed_root if preprocessed_root is not None else preprocessed_dir()
-    spec_file = root / name / COLLECTION_SPEC_FILE
-    if clean or not spec_file.is_file():
-        return
-    try:
-        with open(spec_file) as f:
-            existing = json.load(f)
-        old = [str(m["dataset_name"]) for m in existing["members"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CollectionError(
-            f"collection {name}: existing {spec_file} cannot be read ({e}); pass --clean to replace it"
-        ) from None
-    if sorted(map(str, map(_dataset_id, old))) != sorted(map(str, map(_dataset_id, dataset_names))):
-        raise CollectionError(
-            f"collection {name} already exists in {spec_file.parent} with different members "
-            f"({', '.join(old)}; requested: {', '.join(str(d) for d in dataset_names)}); "
-            f"choose another name or pass --clean to replace it"
-        )
