@@ -39,7 +39,6 @@ prototype head, modality classifier; the U-Net backbone is frozen).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Sequence
 
@@ -384,34 +383,18 @@ class HermesTrainer(nnHarmonyTrainer):
         Returns ``(member_index, {"predicted_modality", "modality_probabilities" (of the chosen member's
         hypothesis), "candidate_scores"})``.
         """
+        from nnharmony.inference.auto_member import choose_member, member_hypotheses
+
         spec = predictor.spec
-        files = [str(f) for f in image_files]
-        cands = [i for i, m in enumerate(spec.members)
-                 if len(m.channels) == len(files) and files[0].endswith(m.file_ending)]
-        if not cands:
-            counts = sorted({len(m.channels) for m in spec.members})
-            raise ValueError(f"case {files[0]}: {len(files)} channel file(s); no member of {spec.name} has that many "
-                             f"channels (members have {counts}); give --dataset")
-        cache: dict[str, np.ndarray] = {}
-        probs: dict[int, np.ndarray] = {}
-        for i in cands:
-            ctx = predictor.member_context(i)
-            key = json.dumps([ctx.slots, ctx.configuration_manager.configuration,
-                              ctx.plans_manager.plans.get("foreground_intensity_properties_per_channel"),
-                              ctx.plans_manager.transpose_forward], sort_keys=True, default=str)
-            if key not in cache:
-                data, _ = predictor.preprocess(files, ctx)
-                cache[key] = cls.modality_probabilities(predictor, data)
-            probs[i] = cache[key]
-        scores = {i: float(probs[i][spec.primary_modality(spec.members[i].dataset_id)]) for i in cands}
-        best = max(cands, key=lambda i: scores[i])  # first on ties
-        modality = spec.primary_modality(spec.members[best].dataset_id)
-        tied = [i for i in cands if spec.primary_modality(spec.members[i].dataset_id) == modality]
-        chosen = max(tied, key=lambda i: (spec.members[i].num_training, -i))
+        probs = member_hypotheses(predictor, image_files, cls.modality_probabilities)
+        primary = {i: spec.primary_modality(spec.members[i].dataset_id) for i in probs}
+        scores = {i: float(probs[i][primary[i]]) for i in probs}
+        chosen = choose_member(spec, scores, primary.get)
+        modality = primary[chosen]
         return chosen, {
             "predicted_modality": spec.modalities[modality],
             "modality_probabilities": {spec.modalities[k]: float(v) for k, v in enumerate(probs[chosen])},
-            "candidate_scores": {spec.members[i].dataset_name: scores[i] for i in cands},
+            "candidate_scores": {spec.members[i].dataset_name: scores[i] for i in scores},
         }
 
     # ------------------------------------------------------------------ incremental learning

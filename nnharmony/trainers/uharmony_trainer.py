@@ -617,36 +617,19 @@ class UHarmonyTrainer(nnHarmonyTrainer):
         Returns ``(member_index, {"predicted_domain", "gate_probabilities" (under the chosen member's
         preprocessing), "candidate_scores"})``.
         """
+        from nnharmony.inference.auto_member import choose_member, member_hypotheses
+
         spec = predictor.spec
-        files = [str(f) for f in image_files]
-        cands = [i for i, m in enumerate(spec.members)
-                 if len(m.channels) == len(files) and files[0].endswith(m.file_ending)]
-        if not cands:
-            counts = sorted({len(m.channels) for m in spec.members})
-            raise ValueError(f"case {files[0]}: {len(files)} channel file(s); no member of {spec.name} has that many "
-                             f"channels (members have {counts}); give --dataset")
-        cache: dict[str, np.ndarray] = {}
-        probs: dict[int, np.ndarray] = {}
-        for i in cands:
-            ctx = predictor.member_context(i)
-            key = json.dumps([ctx.slots, ctx.configuration_manager.configuration,
-                              ctx.plans_manager.plans.get("foreground_intensity_properties_per_channel"),
-                              ctx.plans_manager.transpose_forward], sort_keys=True, default=str)
-            if key not in cache:
-                data, _ = predictor.preprocess(files, ctx)
-                cache[key] = cls.case_gate_probabilities(predictor, data)
-            probs[i] = cache[key]
-        dom = {i: spec.domain_index(spec.members[i].dataset_id) for i in cands}
-        scores = {i: float(probs[i][dom[i]]) for i in cands}
-        best = max(cands, key=lambda i: scores[i])  # first on ties
-        tied = [i for i in cands if dom[i] == dom[best]]
-        chosen = max(tied, key=lambda i: (spec.members[i].num_training, -i))
+        probs = member_hypotheses(predictor, image_files, cls.case_gate_probabilities)
+        dom = {i: spec.domain_index(spec.members[i].dataset_id) for i in probs}
+        scores = {i: float(probs[i][dom[i]]) for i in probs}
+        chosen = choose_member(spec, scores, dom.get)
         p = probs[chosen]
         return chosen, {
             "predicted_domain": spec.domains[dom[chosen]],
             "gate_probabilities": {d: float(v) for d, v in zip(spec.domains, p)},
             "gate_argmax_domain": spec.domains[int(np.argmax(p))],
-            "candidate_scores": {spec.members[i].dataset_name: scores[i] for i in cands},
+            "candidate_scores": {spec.members[i].dataset_name: scores[i] for i in scores},
         }
 
     # ------------------------------------------------------------------ adaptation

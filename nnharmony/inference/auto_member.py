@@ -1,0 +1,45 @@
+"""``--dataset auto``: the shared part of inferring a case's member from a network's own prediction.
+
+Trainers that can tell where an image comes from (U-Harmony's domain gate, Hermes' modality head) score
+every member the case could belong to; the rule of which member wins lives here so both apply it alike."""
+from __future__ import annotations
+
+import json
+from typing import Callable, Hashable, Sequence
+
+import numpy as np
+
+
+def member_hypotheses(predictor, image_files: Sequence[str],
+                      case_probabilities: Callable[[object, object], np.ndarray]) -> dict[int, np.ndarray]:
+    """member index -> ``case_probabilities(predictor, data)`` of the case preprocessed as that member's case
+    (its plans: spacing, normalization; its channel slots), for every member with as many channels as the case
+    has files and the same file ending. Identical preprocessing hypotheses are computed once."""
+    spec = predictor.spec
+    files = [str(f) for f in image_files]
+    candidates = [i for i, m in enumerate(spec.members)
+                  if len(m.channels) == len(files) and files[0].endswith(m.file_ending)]
+    if not candidates:
+        counts = sorted({len(m.channels) for m in spec.members})
+        raise ValueError(f"case {files[0]}: {len(files)} channel file(s); no member of {spec.name} has that many "
+                         f"channels (members have {counts}); give --dataset")
+    cache: dict[str, np.ndarray] = {}
+    probs: dict[int, np.ndarray] = {}
+    for i in candidates:
+        ctx = predictor.member_context(i)
+        key = json.dumps([ctx.slots, ctx.configuration_manager.configuration,
+                          ctx.plans_manager.plans.get("foreground_intensity_properties_per_channel"),
+                          ctx.plans_manager.transpose_forward], sort_keys=True, default=str)
+        if key not in cache:
+            data, _ = predictor.preprocess(files, ctx)
+            cache[key] = case_probabilities(predictor, data)
+        probs[i] = cache[key]
+    return probs
+
+
+def choose_member(spec, scores: dict[int, float], group: Callable[[int], Hashable]) -> int:
+    """The best-scoring candidate's group (domain, modality) wins; members of one group cannot be told apart,
+    so among them the one with the most training cases is chosen (the first in collection order on ties)."""
+    best = max(scores, key=scores.get)  # first on ties
+    tied = [i for i in scores if group(i) == group(best)]
+    return max(tied, key=lambda i: (spec.members[i].num_training, -i))
