@@ -217,6 +217,10 @@ class nnHarmonyTrainer(nnUNetTrainer):
         with self._autocast():
             output = self.network_forward(data, batch)
             loss = self.compute_loss(output, target, batch)
+        return self.optimizer_step(loss)
+
+    def optimizer_step(self, loss: torch.Tensor) -> dict:
+        """Backward, nnU-Net's gradient clipping (12) and the optimizer step, through the AMP scaler on CUDA."""
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)

@@ -257,17 +257,7 @@ class UniverSegTrainer(nnHarmonyTrainer):
         with self._autocast():
             logits = self.network(q, sx, sy)
             loss = self.compute_loss(logits, qy, batch)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
-        return {"loss": loss.detach().cpu().numpy()}
+        return self.optimizer_step(loss)
 
     def validation_step(self, batch: dict) -> dict:
         """Loss and hard tp/fp/fn of every episode, summed into its global task's entry (length
