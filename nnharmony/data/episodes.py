@@ -587,18 +587,11 @@ def build_episode_dataloaders(spec: CollectionSpec, joint_plans: dict, configura
     from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
     from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
-    from nnharmony.data.loader import load_member_data
+    from nnharmony.data.loader import load_member_data, member_plan_identifiers
     from nnharmony.data.splits import collection_fold
 
     held = resolve_holdout(spec, holdout)
-    member_plans = joint_plans.get("nnharmony", {}).get("member_plans", {})
-    plans_ids, data_ids = {}, {}
-    for i, m in enumerate(spec.members):
-        entry = member_plans.get(str(m.dataset_id), {})
-        plans_ids[i] = entry.get("plans_identifier", plans_identifier)
-        did = entry.get("configurations", {}).get(configuration, {}).get("data_identifier")
-        if did is not None:
-            data_ids[i] = did
+    plans_ids, data_ids = member_plan_identifiers(spec, joint_plans, configuration, plans_identifier)
     folds = collection_fold(spec, fold, configuration, plans_identifier, data_identifiers=data_ids)
     train_md, val_md = [], []
     for i in range(len(spec.members)):

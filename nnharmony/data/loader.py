@@ -318,6 +318,21 @@ def _joint_patch_size(joint_plans: dict, configuration: str) -> list[int]:
     return [int(i) for i in cfg["patch_size"]]
 
 
+def member_plan_identifiers(spec, joint_plans: dict, configuration: str,
+                            plans_identifier: str) -> tuple[dict[int, str], dict[int, str]]:
+    """Per member index: the nnU-Net plans identifier and (where recorded) the data identifier of
+    ``configuration``, as the joint plan records them (defaults: ``plans_identifier``, nnU-Net's own)."""
+    member_plans = joint_plans.get("nnharmony", {}).get("member_plans", {})
+    plans_ids, data_ids = {}, {}
+    for i, m in enumerate(spec.members):
+        entry = member_plans.get(str(m.dataset_id), {})
+        plans_ids[i] = entry.get("plans_identifier", plans_identifier)
+        did = entry.get("configurations", {}).get(configuration, {}).get("data_identifier")
+        if did is not None:
+            data_ids[i] = did
+    return plans_ids, data_ids
+
+
 def build_mixed_dataloaders(spec: CollectionSpec, joint_plans: dict, configuration: str, fold: int | str,
                             batch_size: int, deep_supervision_scales: Sequence[Sequence[float]] | None, seed: int,
                             rank: int = 0, world_size: int = 1, num_processes: int | None = None,
@@ -348,14 +363,7 @@ def build_mixed_dataloaders(spec: CollectionSpec, joint_plans: dict, configurati
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer as trainer_class
 
     patch_size = _joint_patch_size(joint_plans, configuration)
-    member_plans = joint_plans.get("nnharmony", {}).get("member_plans", {})
-    plans_ids, data_ids = {}, {}
-    for i, m in enumerate(spec.members):
-        entry = member_plans.get(str(m.dataset_id), {})
-        plans_ids[i] = entry.get("plans_identifier", plans_identifier)
-        did = entry.get("configurations", {}).get(configuration, {}).get("data_identifier")
-        if did is not None:
-            data_ids[i] = did
+    plans_ids, data_ids = member_plan_identifiers(spec, joint_plans, configuration, plans_identifier)
     folds = collection_fold(spec, fold, configuration, plans_identifier, data_identifiers=data_ids)
 
     if da_params is None:
