@@ -119,6 +119,10 @@ def test_bad_inputs(baseline_model, synthetic_collection, tmp_path, capsys):
         predict_cli.main(["-i", str(tmp_path / "two"), "-o", str(tmp_path / "o"), "-c", name, "--dataset", "auto",
                           "-device", "cpu"])
     assert "cannot infer the dataset" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        predict_cli.main(["-i", str(tmp_path / "two"), "-o", str(tmp_path / "o"), "-c", name, "-tr", "nnUNetTrainer",
+                          "-device", "cpu"])
+    assert "predict them with nnUNetv2_predict" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.nii.gz"))
 
 

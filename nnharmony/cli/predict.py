@@ -44,6 +44,12 @@ def main(argv: list[str] | None = None) -> None:
     from nnharmony.inference.predict_folder import default_configuration, model_folder, predict_folder
 
     trainer_class = find_trainer_class(args.tr)
+    from nnharmony.trainers.nnharmony_trainer import nnHarmonyTrainer
+
+    if not issubclass(trainer_class, nnHarmonyTrainer):
+        raise ValueError(f"{args.tr} is a plain nnU-Net trainer: its models are the per-dataset paradigm, one per "
+                         f"member in $nnUNet_results/DatasetXXX_Name/; predict them with nnUNetv2_predict -d DATASET "
+                         f"-tr {args.tr}")
     if args.cfg is None:
         args.cfg = default_configuration(args.collection, args.tr, args.p)
     if args.device == "cuda" and not torch.cuda.is_available():
