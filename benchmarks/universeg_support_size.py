@@ -17,6 +17,9 @@ Markdown table; not a test.
    then over labels.
 
     python benchmarks/universeg_support_size.py --budget-minutes 2 -device cuda
+    # real data: MSD hippocampus imported as member 910 and held out (experiment c of the README)
+    python benchmarks/universeg_support_size.py --extra-dataset ../shared/data/msd_hippocampus_mri \\
+        --workdir /tmp/nnharmony_universeg_hippo --members 3 --budget-minutes 5 -device cpu
     python benchmarks/universeg_support_size.py --budget-minutes 0.5 -device cpu \\
         --universeg-options '{"image_size": 32, "encoder_blocks": [16, 16, 16]}'
 """
@@ -63,7 +66,16 @@ def parse_args(argv=None):
     p.add_argument("--universeg-options", default="{}", help="JSON trainer options of UniverSegTrainer")
     p.add_argument("--skip-training", action="store_true", help="reuse the trained models in --workdir")
     p.add_argument("-device", default="cuda", choices=["cuda", "cpu"])
-    return p.parse_args(argv)
+    p.add_argument("--extra-dataset", default=None, metavar="DIR",
+                   help="an nnU-Net raw dataset (e.g. ../shared/data/msd_hippocampus_mri) imported as member "
+                        "--extra-id beside the synthetic ones and held out (real-data experiment)")
+    p.add_argument("--extra-id", type=int, default=910)
+    p.add_argument("--extra-modality", default="T1", help="modality name of the extra dataset's channel")
+    p.add_argument("--max-queries", type=int, default=None, help="evaluate at most this many validation cases")
+    args = p.parse_args(argv)
+    if args.extra_dataset is not None:
+        args.holdout = args.extra_id
+    return args
 
 
 def train(collection: str, cfg: str, trainer: str, args, options: dict) -> None:
@@ -99,6 +111,13 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     folders = make_synthetic_collection(work / "raw", first_id=901, num_cases=args.num_cases, shape=args.shape,
                                         seed=0, num_members=args.members)
+    if args.extra_dataset is not None:
+        from nnharmony.dataset_conversion.convert import import_nnunet_dataset
+
+        existing = list((work / "raw").glob(f"Dataset{args.extra_id:03d}_*"))
+        folders.append(existing[0] if existing else import_nnunet_dataset(
+            args.extra_dataset, args.extra_id, name=Path(args.extra_dataset).name.title().replace("_", ""),
+            raw_root=work / "raw", link_mode="symlink", modalities=[args.extra_modality]))
     ids = [int(Path(f).name[7:10]) for f in folders]
     if args.holdout not in ids:
         raise SystemExit(f"--holdout {args.holdout} is not one of the synthetic members {ids}")
@@ -124,7 +143,7 @@ def main(argv=None) -> None:
         return img.astype(np.float32), lab.astype(np.int64), spacing
 
     support = [(c, *read(c)) for c in train_ids]
-    queries = [(c, *read(c)) for c in val_ids]
+    queries = [(c, *read(c)) for c in sorted(val_ids)[:args.max_queries]]
     device = torch.device(args.device)
     model_dir = work / "results" / COLLECTION / f"UniverSegTrainer__nnHarmonyPlans__{args.configuration}"
     networks, cfg = sup.load_universeg_models(model_dir, ["0"], "checkpoint_final.pth", device)

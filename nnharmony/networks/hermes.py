@@ -263,12 +263,16 @@ class PriorFusion(nn.Module):
             PriorAttentionBlock(channels, heads, dim_head, mlp_ratio) for _ in range(n_blocks)
         )
 
-    def forward(self, x: torch.Tensor, task_ids: torch.Tensor, modality_id: torch.Tensor):
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor, modality_id: torch.Tensor,
+                has_padding: Optional[bool] = None):
+        """``has_padding``: whether any task id is -1, if the caller knows it (saves a device sync per level)."""
         if x.dim() not in (4, 5) or x.shape[1] != self.channels:
             raise ValueError(f"expected (B, {self.channels}, *sp) with 2 or 3 spatial dims, got {tuple(x.shape)}")
         priors = self.pool.select(task_ids, modality_id).to(x.dtype)
         mask = None
-        if self.mask_padded_tasks and bool((task_ids < 0).any()):
+        if has_padding is None:
+            has_padding = bool((task_ids < 0).any())
+        if self.mask_padded_tasks and has_padding:
             L = priors.shape[1] - task_ids.shape[1]
             mask = torch.cat([task_ids >= 0, task_ids.new_ones(task_ids.shape[0], L, dtype=torch.bool)], dim=1)
         spatial = x.shape[2:]
@@ -541,16 +545,20 @@ class HermesUNet(nn.Module):
             task_ids, modality_id = self._inference_task_ids, self._inference_modality_id
             if task_ids.shape[0] == 1 and B > 1:
                 task_ids, modality_id = task_ids.expand(B, -1), modality_id.expand(B)
-            task_ids, modality_id = task_ids.to(x.device), modality_id.to(x.device)
         elif modality_id is None:
-            modality_id = torch.full((B,), -1, dtype=torch.long, device=x.device)
+            modality_id = torch.full((B,), -1, dtype=torch.long, device=task_ids.device)
         _check_condition(task_ids, modality_id, B)
         self._validate_ids(task_ids, modality_id)
         return task_ids, modality_id
 
     # -- forward ------------------------------------------------------------------------------------------
     def forward_with_modality(self, x, *, task_ids=None, modality_id=None, cond=None) -> HermesOutput:
+        """Ids may be given on the CPU (as the trainer does): they are checked there and moved to ``x``'s device
+        without blocking, so a training step waits for the GPU nowhere in the fusion."""
         task_ids, modality_id = self._resolve_condition(x, task_ids, modality_id, cond)
+        has_padding = bool((task_ids < 0).any())
+        task_ids = task_ids.to(x.device, non_blocking=True)
+        modality_id = modality_id.to(x.device, non_blocking=True)
         T = task_ids.shape[1]
         posteriors: List[torch.Tensor] = []
 
@@ -560,7 +568,7 @@ class HermesUNet(nn.Module):
         for s, stage in enumerate(self.encoder.stages):
             x = stage(x)
             if str(s) in self.encoder_fusion:
-                x, p = self.encoder_fusion[str(s)](x, task_ids, modality_id)
+                x, p = self.encoder_fusion[str(s)](x, task_ids, modality_id, has_padding)
                 posteriors.append(p)
             skips.append(x)
 
@@ -569,7 +577,7 @@ class HermesUNet(nn.Module):
             y = self.decoder.transpconvs[s](lres)
             y = stage(torch.cat((y, skips[-(s + 2)]), 1))
             if str(s) in self.decoder_fusion:
-                y, p = self.decoder_fusion[str(s)](y, task_ids, modality_id)
+                y, p = self.decoder_fusion[str(s)](y, task_ids, modality_id, has_padding)
                 posteriors.append(p)
             feats.append(y)
             lres = y

@@ -18,14 +18,24 @@ from torch import nn
 __all__ = ["masked_bce", "adaptive_dice", "HermesLoss"]
 
 
-def _select(logits: torch.Tensor, target: torch.Tensor, task_mask: torch.Tensor):
+def _check(logits: torch.Tensor, target: torch.Tensor, task_mask: torch.Tensor):
+    """(mask (B, T) bool, float logits with unsupervised channels set to 0, float target). Zeroing with
+    ``torch.where`` keeps values of unsupervised pairs (even NaN) out of the result and the gradient, without
+    the device sync of boolean indexing."""
     if logits.shape != target.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ")
     if task_mask.shape != logits.shape[:2]:
         raise ValueError(f"task_mask {tuple(task_mask.shape)} must be (B, T) = {tuple(logits.shape[:2])}")
     mask = task_mask.to(device=logits.device, dtype=torch.bool)
-    # (K, N): only the supervised (sample, task) pairs, voxels flattened
-    return logits[mask].flatten(1).float(), target[mask].flatten(1).float()
+    voxel_mask = mask.reshape(*mask.shape, *([1] * (logits.dim() - 2)))
+    lg = torch.where(voxel_mask, logits.float(), torch.zeros((), device=logits.device))
+    return mask, lg, target.float()
+
+
+def _mean_over_pairs(per_pair: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (B, T) values over the supervised pairs; 0 when none."""
+    picked = torch.where(mask, per_pair, torch.zeros((), dtype=per_pair.dtype, device=per_pair.device))
+    return picked.sum() / mask.sum().clamp_min(1)
 
 
 def _zero(logits: torch.Tensor) -> torch.Tensor:
@@ -35,10 +45,9 @@ def _zero(logits: torch.Tensor) -> torch.Tensor:
 
 def masked_bce(logits: torch.Tensor, target: torch.Tensor, task_mask: torch.Tensor) -> torch.Tensor:
     """Mean over supervised (sample, task) pairs of the voxel-mean BCE-with-logits; 0 when none."""
-    lg, tg = _select(logits, target, task_mask)
-    if lg.shape[0] == 0:
-        return _zero(logits)
-    return F.binary_cross_entropy_with_logits(lg, tg, reduction="none").mean(dim=1).mean()
+    mask, lg, tg = _check(logits, target, task_mask)
+    per_pair = F.binary_cross_entropy_with_logits(lg, tg, reduction="none").flatten(2).mean(2)
+    return _mean_over_pairs(per_pair, mask)
 
 
 def adaptive_dice(logits: torch.Tensor, target: torch.Tensor, task_mask: torch.Tensor,
@@ -51,16 +60,15 @@ def adaptive_dice(logits: torch.Tensor, target: torch.Tensor, task_mask: torch.T
 
     averaged over the supervised pairs only (0 when none). As in the official code, alpha is not detached.
     """
-    lg, tg = _select(logits, target, task_mask)
-    if lg.shape[0] == 0:
-        return _zero(logits)
-    p = torch.sigmoid(lg)
-    tp = (p * tg).sum(1)
-    fp = (p * (1 - tg)).sum(1)
-    fn = ((1 - p) * tg).sum(1)
+    mask, lg, tg = _check(logits, target, task_mask)
+    p = torch.sigmoid(lg).flatten(2)
+    tg = tg.flatten(2)
+    tp = (p * tg).sum(2)
+    fp = (p * (1 - tg)).sum(2)
+    fn = ((1 - p) * tg).sum(2)
     alpha = (fp / (fp + fn + smooth)).clamp(*alpha_range)
     dice = tp / (tp + alpha * fp + (1 - alpha) * fn + smooth)
-    return (1 - dice).mean()
+    return _mean_over_pairs(1 - dice, mask)
 
 
 class HermesLoss(nn.Module):
@@ -111,10 +119,9 @@ class HermesLoss(nn.Module):
         mod = None
         if modality_logits is not None and modality_id is not None and self.mod_weight:
             mid = modality_id.to(device=modality_logits.device, dtype=torch.long)
-            if bool((mid >= 0).any()):
-                mod = F.cross_entropy(modality_logits.float(), mid, ignore_index=-1)
-            else:
-                mod = _zero(modality_logits)
+            # mean over samples with a known modality, 0 when none (plain ignore_index gives 0/0 = NaN then)
+            ce = F.cross_entropy(modality_logits.float(), mid, ignore_index=-1, reduction="none")
+            mod = ce.sum() / (mid >= 0).sum().clamp_min(1)
             total = total + self.mod_weight * mod
         self.last_terms = {"bce": bce.detach(), "dice": dice.detach(),
                            **({"mod": mod.detach()} if mod is not None else {})}

@@ -288,22 +288,22 @@ class HermesTrainer(nnHarmonyTrainer):
     def batch_task_ids(self, batch: dict) -> torch.Tensor:
         """(B, T) global task ids of each sample's dataset, padded with -1 (fixed width with
         ``mask_padded_tasks``; else the official layout: batch maximum plus one null slot)."""
-        mask = batch["task_mask"].to(self.device)
+        mask = batch["task_mask"]  # built on the CPU (no device sync); the network moves the ids
         if HermesConfig.from_value(self.hermes).mask_padded_tasks:
             return task_ids_from_mask(mask, min_width=self.task_width)
         return task_ids_from_mask(mask, min_width=int(mask.sum(1).max()) + 1)
 
     def network_forward(self, data: torch.Tensor, batch: dict):
         task_ids = self.batch_task_ids(batch)
-        modality_id = batch["modality_id"].to(self.device)
+        modality_id = batch["modality_id"].cpu()
         p = HermesConfig.from_value(self.hermes).unknown_modality_prob
         if p > 0 and self.network.training:
-            drop = torch.rand(modality_id.shape, device=modality_id.device) < p
+            drop = torch.rand(modality_id.shape) < p
             modality_id = torch.where(drop, torch.full_like(modality_id, -1), modality_id)
         return self.network(data, task_ids=task_ids, modality_id=modality_id)
 
     def compute_loss(self, output, target, batch: dict) -> torch.Tensor:
-        task_ids = self.batch_task_ids(batch)
+        task_ids = self.batch_task_ids(batch).to(self.device, non_blocking=True)
         if isinstance(target, (list, tuple)):
             target = [gather_tasks(t, task_ids) for t in target]
         else:
@@ -323,7 +323,7 @@ class HermesTrainer(nnHarmonyTrainer):
             loss = self.compute_loss(output, target, batch)
         if isinstance(output, (list, tuple)):
             output, target = output[0], target[0]
-        task_ids = self.batch_task_ids(batch)
+        task_ids = self.batch_task_ids(batch).to(self.device)
         tgt = gather_tasks(target, task_ids).float()
         pred = (torch.sigmoid(output.float()) > 0.5).float()
         axes = list(range(2, output.ndim))
