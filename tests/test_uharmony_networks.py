@@ -345,3 +345,50 @@ def test_gate_learns_two_domains():
         net(x)
         acc = (net.predicted_domain() == d).float().mean().item()
     assert acc > 0.9, acc
+
+
+def _reference_uharmony_norm(layer, x):
+    """The layer's formula written with plain autograd ops (what the fused function must equal)."""
+    shape = (1, -1) + (1,) * layer.dim
+    var, mu = torch.var_mean(x, dim=tuple(range(2, x.ndim)), correction=0, keepdim=True)
+    std = torch.sqrt(var + layer.eps)
+    xhat = (x - mu) / std
+    h = xhat * layer.weight.view(shape) + layer.bias.view(shape)
+    if layer.poly_weight is not None:
+        xc = xhat if layer.clamp is None else xhat.clamp(-layer.clamp, layer.clamp)
+        for j in range(layer.poly_weight.shape[0]):
+            h = h + layer.poly_weight[j].view(shape) * xc ** (j + 2)
+    if layer.restoration == "instance":
+        lam = (torch.sigmoid(layer.restore_logit) * layer.restore_scale).view(shape)
+        return lam * (h * std + mu) + (1 - lam) * h
+    if layer.restoration == "domain":
+        g = layer._gate(x.shape[0], x.device, x.dtype)
+        bshape = (x.shape[0], -1) + (1,) * layer.dim
+        return (g @ layer.domain_gamma).view(bshape) * h + (g @ layer.domain_beta).view(bshape)
+    return h
+
+
+@pytest.mark.parametrize("restoration,poly_order,clamp", [
+    ("instance", 3, 1.5), ("instance", 1, None), ("domain", 2, 1.0), ("none", 4, None), ("none", 2, 0.5)])
+def test_fused_norm_matches_autograd_formula(restoration, poly_order, clamp):
+    """The hand-written backward of the fused harmonization gives autograd's values and gradients."""
+    torch.manual_seed(0)
+    layer = UHarmonyNorm3d(3, restoration=restoration, poly_order=poly_order, clamp=clamp, num_domains=2).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    if restoration == "domain":
+        layer.current_gate = torch.softmax(torch.randn(2, 2, dtype=torch.float64), 1)
+    x = (torch.randn(2, 3, 4, 5, 3, dtype=torch.float64) * 2 + 1).requires_grad_(True)
+    w = torch.randn(2, 3, 4, 5, 3, dtype=torch.float64)
+    params = [x] + list(layer.parameters())
+    out = layer(x)
+    ref = _reference_uharmony_norm(layer, x)
+    assert torch.allclose(out, ref, atol=1e-10)
+    g_fused = torch.autograd.grad((out * w).sum(), params, allow_unused=True)
+    g_ref = torch.autograd.grad((ref * w).sum(), params, allow_unused=True)
+    for a, b in zip(g_fused, g_ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-8), (a - b).abs().max()
+    assert torch.autograd.gradcheck(lambda t: layer(t), (x,))

@@ -98,6 +98,67 @@ def _conv_op(dim: int):
 # ----------------------------------------------------------------------------------------------------------
 # harmonization layer
 # ----------------------------------------------------------------------------------------------------------
+class _HarmonizedAffine(torch.autograd.Function):
+    """``y = S * (w * xhat + b + sum_k a_k * clamp(xhat)^k) + T`` with ``xhat = (x - mu) / std``.
+
+    The full-size work of :class:`UHarmonyNorm` in one function with a hand-written backward: only ``x`` and
+    per-(sample, channel) tensors are saved, and ``xhat``, the powers and ``h`` are recomputed in backward,
+    instead of autograd keeping about ten full-size float32 intermediates per layer. ``mu``/``std`` are
+    inputs (computed by ``var_mean`` under autograd), so their own dependence on ``x`` is left to autograd.
+    Shapes: x (B, C, *sp); mu, std, S, T (B, C, 1...); w, b (1, C, 1...); a (K-1, 1, C, 1...) with a[j] the
+    coefficient of clamp(xhat)^(j+2), or None."""
+
+    @staticmethod
+    def forward(ctx, x, mu, std, w, b, a, S, T, clamp):
+        xhat = (x - mu) / std
+        h = torch.addcmul(b, xhat, w)
+        if a is not None:
+            xc = xhat if clamp is None else xhat.clamp(-clamp, clamp)
+            acc = a[-1]
+            for k in range(a.shape[0] - 2, -1, -1):  # Horner: a_2 + xc (a_3 + xc (...))
+                acc = torch.addcmul(a[k], xc, acc)
+            h = h + xc * xc * acc
+        ctx.save_for_backward(x, mu, std, w, b, a, S)
+        ctx.clamp = clamp
+        return torch.addcmul(T, h, S)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, mu, std, w, b, a, S = ctx.saved_tensors
+        clamp = ctx.clamp
+        red = tuple(range(2, x.ndim))
+        red_all = (0,) + red
+        xhat = (x - mu) / std
+        gh = g * S
+        dh_dxhat = w.expand_as(xhat) if a is None else None
+        h = xhat * w  # h without b (b's share of grad_S is b * grad_T)
+        grad_a = None
+        if a is not None:
+            xc = xhat if clamp is None else xhat.clamp(-clamp, clamp)
+            power_prev, power = xc, xc * xc  # xc^(k-1), xc^k for k = 2
+            dpoly = torch.zeros_like(xc)
+            grads = []
+            for j in range(a.shape[0]):
+                k = j + 2
+                h = torch.addcmul(h, a[j], power)
+                dpoly = torch.addcmul(dpoly, a[j] * k, power_prev)
+                grads.append((gh * power).sum(red_all, keepdim=True))
+                power_prev, power = power, power * xc
+            grad_a = torch.stack(grads)
+            if clamp is not None:
+                dpoly = dpoly * ((xhat >= -clamp) & (xhat <= clamp))
+            dh_dxhat = dpoly + w
+        grad_T = g.sum(red, keepdim=True)
+        grad_S = (g * h).sum(red, keepdim=True) + b * grad_T if ctx.needs_input_grad[6] else None
+        gxhat = gh * dh_dxhat
+        grad_x = gxhat / std
+        grad_mu = -gxhat.sum(red, keepdim=True) / std
+        grad_std = -(gxhat * xhat).sum(red, keepdim=True) / std
+        grad_w = (gh * xhat).sum(red_all, keepdim=True)
+        grad_b = gh.sum(red_all, keepdim=True)
+        return grad_x, grad_mu, grad_std, grad_w, grad_b, grad_a, grad_S, grad_T, None
+
+
 class UHarmonyNorm(nn.Module):
     """Two-stage harmonization replacing ``nn.InstanceNormNd``.
 
@@ -243,31 +304,25 @@ class UHarmonyNorm(nn.Module):
         in_dtype = x.dtype
         shape = (1, -1) + (1,) * self.dim
         with _no_autocast(x.device.type):
-            xf = x.float()
+            ct = torch.float64 if in_dtype == torch.float64 else torch.float32  # half: float32
+            xf = x.to(ct)
             red = tuple(range(2, xf.ndim))
             var, mu = torch.var_mean(xf, dim=red, correction=0, keepdim=True)
             std = torch.sqrt(var + self.eps)
-            xhat = (xf - mu) / std
-            # polynomial affine; linear term unclamped, higher powers on the clamped xhat (Horner form)
-            h = xhat * self.weight.float().view(shape) + self.bias.float().view(shape)
-            if self.poly_weight is not None:
-                xc = xhat if self.clamp is None else xhat.clamp(-self.clamp, self.clamp)
-                a = self.poly_weight.float()
-                acc = a[-1].view(shape)
-                for k in range(a.shape[0] - 2, -1, -1):  # a_K, ..., a_2
-                    acc = a[k].view(shape) + xc * acc
-                h = h + xc * xc * acc
+            # restoration as a per-(sample, channel) affine y = S * h + T around the polynomial affine h
             if self.restoration == "instance":
-                lam = (torch.sigmoid(self.restore_logit.float()) * self.restore_scale.float()).view(shape)
-                y = h + lam * (h * (std - 1.0) + mu)  # = lam * (h * std + mu) + (1 - lam) * h
+                lam = (torch.sigmoid(self.restore_logit.to(ct)) * self.restore_scale.to(ct)).view(shape)
+                S, T = 1.0 + lam * (std - 1.0), lam * mu  # lam * (h * std + mu) + (1 - lam) * h
             elif self.restoration == "domain":
-                g = self._gate(x.shape[0], x.device, torch.float32)
+                g = self._gate(x.shape[0], x.device, ct)
                 bshape = (x.shape[0], -1) + (1,) * self.dim
-                gamma = (g @ self.domain_gamma.float()).view(bshape)
-                beta = (g @ self.domain_beta.float()).view(bshape)
-                y = gamma * h + beta
+                S, T = (g @ self.domain_gamma.to(ct)).view(bshape), (g @ self.domain_beta.to(ct)).view(bshape)
             else:
-                y = h
+                S, T = torch.ones_like(std), torch.zeros_like(mu)
+            a = None if self.poly_weight is None else self.poly_weight.to(ct).view(-1, 1, self.num_features,
+                                                                                   *(1,) * self.dim)
+            y = _HarmonizedAffine.apply(xf, mu, std, self.weight.to(ct).view(shape), self.bias.to(ct).view(shape),
+                                        a, S, T, self.clamp)
             if in_dtype in (torch.float16, torch.bfloat16):
                 lim = torch.finfo(in_dtype).max
                 y = y.clamp(-lim, lim)
