@@ -202,7 +202,7 @@ def test_tiny_benchmark_report(synthetic_collection, tmp_path, capsys, monkeypat
     overlays = sorted((out / "overlays").glob("*.png"))
     assert len(overlays) == 2 and bench["figures"]["overlays"] == [f"overlays/{p.name}" for p in overlays]
     for p in overlays:
-        img = _assert_png(p, (100, 100 * (2 + len(methods))))
+        _assert_png(p, (100, 100 * (2 + len(methods))))
     # models went to the report's own results folder, not over the user's
     model = out / "models" / synthetic_collection["name"] / "nnHarmonyTrainer__nnHarmonyPlans__3d_fullres"
     assert (model / "fold_0" / "validation").is_dir() and not list(model.rglob("*.pth"))  # --no-checkpoints

@@ -11,10 +11,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from nnharmony.data.collection import CollectionSpec
-from nnharmony.networks.hermes import HermesUNet, PriorPool
+from nnharmony.networks.hermes import HermesUNet
 from nnharmony.trainers.hermes_trainer import (
     HermesCollectionUNet,
     HermesConfig,
