@@ -71,7 +71,8 @@ def prepare_members(
             kwargs["gpu_memory_target_in_gb"] = gpu_memory_target_in_gb
         planner = planner_class(did, **kwargs)
         plans_identifier = planner.plans_identifier
-        if clean or not (pre / f"{plans_identifier}.json").is_file():
+        # an explicit memory target re-plans: nnU-Net's planner writes it into the same plans file
+        if clean or gpu_memory_target_in_gb is not None or not (pre / f"{plans_identifier}.json").is_file():
             with planner_threads():
                 plan_experiment_dataset(did, planner_class, gpu_memory_target_in_gb)
         n_train = int(load_json(folder / "dataset.json")["numTraining"])

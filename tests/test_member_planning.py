@@ -1,0 +1,31 @@
+"""prepare_members: planned members are reused, but an explicit GPU memory target re-plans them."""
+from __future__ import annotations
+
+import nnunetv2.experiment_planning.plan_and_preprocess_api as api
+
+from nnharmony.planners.plan_and_preprocess import prepare_members
+
+
+def _record_planning(monkeypatch) -> list:
+    calls = []
+    real = api.plan_experiment_dataset
+
+    def recording(dataset_id, planner_class, gpu_memory_target_in_gb=None, *args, **kwargs):
+        calls.append((dataset_id, gpu_memory_target_in_gb))
+        return real(dataset_id, planner_class, gpu_memory_target_in_gb, *args, **kwargs)
+
+    monkeypatch.setattr(api, "plan_experiment_dataset", recording)
+    return calls
+
+
+def test_planned_members_are_reused(synthetic_collection, monkeypatch):
+    calls = _record_planning(monkeypatch)
+    assert prepare_members(synthetic_collection["ids"][:1], ["3d_fullres"]) == "nnUNetPlans"
+    assert calls == []
+
+
+def test_memory_target_replans(synthetic_collection, monkeypatch):
+    calls = _record_planning(monkeypatch)
+    first = synthetic_collection["ids"][0]
+    prepare_members([first], ["3d_fullres"], gpu_memory_target_in_gb=8)
+    assert calls == [(first, 8)]
