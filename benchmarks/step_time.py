@@ -13,6 +13,7 @@ Data loading is excluded from the step time (one batch reused), as in nnU-Net's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -39,7 +40,8 @@ def ensure_collection(args) -> str:
                       nnUNet_results=str(root / "results"))
     folders = make_synthetic_collection(root / "raw", first_id=901, num_cases=8, shape=tuple(args.shape), seed=0)
     ids = [int(Path(f).name[7:10]) for f in folders]
-    plan_and_preprocess_collection(ids, "Collection900_Bench", [args.configuration])
+    with contextlib.redirect_stdout(sys.stderr):  # nnU-Net's planner prints; stdout is for the table
+        plan_and_preprocess_collection(ids, "Collection900_Bench", [args.configuration])
     return "Collection900_Bench"
 
 

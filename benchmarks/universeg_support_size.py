@@ -26,6 +26,7 @@ Markdown table; not a test.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -121,8 +122,9 @@ def main(argv=None) -> None:
     ids = [int(Path(f).name[7:10]) for f in folders]
     if args.holdout not in ids:
         raise SystemExit(f"--holdout {args.holdout} is not one of the synthetic members {ids}")
-    spec, _ = plan_and_preprocess_collection(ids, COLLECTION, [args.configuration])
-    plan_and_preprocess_collection([args.holdout], SUPERVISED, [args.configuration])
+    with contextlib.redirect_stdout(sys.stderr):  # nnU-Net's planner prints; stdout is for the table
+        spec, _ = plan_and_preprocess_collection(ids, COLLECTION, [args.configuration])
+        plan_and_preprocess_collection([args.holdout], SUPERVISED, [args.configuration])
     print(f"[data: {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
 
     useg_options = {"holdout": [args.holdout], **json.loads(args.universeg_options)}
