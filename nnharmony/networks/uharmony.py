@@ -110,17 +110,18 @@ class _HarmonizedAffine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mu, std, w, b, a, S, T, clamp):
-        xhat = (x - mu) / std
+        # in-place on fresh intermediates: each full-size allocation costs as much as a pass on a CPU
+        xhat = (x - mu).div_(std)
         h = torch.addcmul(b, xhat, w)
         if a is not None:
-            xc = xhat if clamp is None else xhat.clamp(-clamp, clamp)
-            acc = a[-1]
-            for k in range(a.shape[0] - 2, -1, -1):  # Horner: a_2 + xc (a_3 + xc (...))
-                acc = torch.addcmul(a[k], xc, acc)
-            h = h + xc * xc * acc
+            xc = xhat if clamp is None else xhat.clamp_(-clamp, clamp)
+            acc = torch.addcmul(a[-2], xc, a[-1]) if a.shape[0] > 1 else a[-1].expand_as(xc).clone()
+            for k in range(a.shape[0] - 3, -1, -1):  # Horner: a_2 + xc (a_3 + xc (...))
+                acc.mul_(xc).add_(a[k])
+            h.add_(acc.mul_(xc).mul_(xc))
         ctx.save_for_backward(x, mu, std, w, b, a, S)
         ctx.clamp = clamp
-        return torch.addcmul(T, h, S)
+        return h.mul_(S).add_(T)
 
     @staticmethod
     def backward(ctx, g):
@@ -128,29 +129,30 @@ class _HarmonizedAffine(torch.autograd.Function):
         clamp = ctx.clamp
         red = tuple(range(2, x.ndim))
         red_all = (0,) + red
-        xhat = (x - mu) / std
+        xhat = (x - mu).div_(std)
         gh = g * S
-        dh_dxhat = w.expand_as(xhat) if a is None else None
         h = xhat * w  # h without b (b's share of grad_S is b * grad_T)
         grad_a = None
-        if a is not None:
+        if a is None:
+            gxhat = gh * w
+        else:
             xc = xhat if clamp is None else xhat.clamp(-clamp, clamp)
             power_prev, power = xc, xc * xc  # xc^(k-1), xc^k for k = 2
             dpoly = torch.zeros_like(xc)
             grads = []
             for j in range(a.shape[0]):
                 k = j + 2
-                h = torch.addcmul(h, a[j], power)
-                dpoly = torch.addcmul(dpoly, a[j] * k, power_prev)
+                h.addcmul_(a[j], power)
+                dpoly.addcmul_(a[j] * k, power_prev)
                 grads.append((gh * power).sum(red_all, keepdim=True))
-                power_prev, power = power, power * xc
+                if j + 1 < a.shape[0]:
+                    power_prev, power = power, power * xc
             grad_a = torch.stack(grads)
             if clamp is not None:
-                dpoly = dpoly * ((xhat >= -clamp) & (xhat <= clamp))
-            dh_dxhat = dpoly + w
+                dpoly.mul_((xhat >= -clamp) & (xhat <= clamp))
+            gxhat = dpoly.add_(w).mul_(gh)
         grad_T = g.sum(red, keepdim=True)
         grad_S = (g * h).sum(red, keepdim=True) + b * grad_T if ctx.needs_input_grad[6] else None
-        gxhat = gh * dh_dxhat
         grad_x = gxhat / std
         grad_mu = -gxhat.sum(red, keepdim=True) / std
         grad_std = -(gxhat * xhat).sum(red, keepdim=True) / std
