@@ -10,36 +10,34 @@ Usage: python plans_variant.py BATCH_SIZE CONFIGURATION DatasetXXX_Name|Collecti
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
+from nnharmony.data.collection import CollectionSpec
+from nnharmony.paths import COLLECTION_SPEC_FILE, JOINT_PLANS_NAME, preprocessed_dir
+from nnharmony.utils.io import load_json, save_json_atomic
+
 
 def write_variant(folder: Path, source: str, batch_size: int, configuration: str) -> str:
-    plans = json.loads((folder / f"{source}.json").read_text())
+    plans = load_json(folder / f"{source}.json")
     name = f"{source}_bs{batch_size}"
     plans["plans_name"] = name
     plans["configurations"][configuration]["batch_size"] = batch_size
-    members = plans.get("nnharmony", {})
-    if members:
-        member_variant = f"{members['member_plans_identifier']}_bs{batch_size}"
-        per_dataset = [Path(os.environ["nnUNet_preprocessed"]) / m["dataset_name"] / f"{member_variant}.json"
-                       for m in json.loads((folder / "collection.json").read_text())["members"]]
-        if per_dataset and all(p.is_file() for p in per_dataset):
-            members["member_plans_identifier"] = member_variant
-    tmp = folder / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(plans, indent=1))
-    tmp.replace(folder / f"{name}.json")
+    joint = plans.get("nnharmony")
+    if joint:
+        member_variant = f"{joint['member_plans_identifier']}_bs{batch_size}"
+        members = CollectionSpec.load(folder / COLLECTION_SPEC_FILE).members
+        if all((folder.parent / m.dataset_name / f"{member_variant}.json").is_file() for m in members):
+            joint["member_plans_identifier"] = member_variant
+    save_json_atomic(plans, folder / f"{name}.json", indent=1)
     return name
 
 
 def main() -> None:
     batch_size, configuration, *names = sys.argv[1:]
-    root = Path(os.environ["nnUNet_preprocessed"])
     for n in names:
-        source = "nnHarmonyPlans" if n.startswith("Collection") else "nnUNetPlans"
-        print(write_variant(root / n, source, int(batch_size), configuration))
+        source = JOINT_PLANS_NAME if n.startswith("Collection") else "nnUNetPlans"
+        print(write_variant(preprocessed_dir() / n, source, int(batch_size), configuration))
 
 
 if __name__ == "__main__":
