@@ -98,67 +98,122 @@ def _conv_op(dim: int):
 # ----------------------------------------------------------------------------------------------------------
 # harmonization layer
 # ----------------------------------------------------------------------------------------------------------
-class _HarmonizedAffine(torch.autograd.Function):
-    """``y = S * (w * xhat + b + sum_k a_k * clamp(xhat)^k) + T`` with ``xhat = (x - mu) / std``.
+def _spatial_dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sum over the spatial dims of u * v, per (sample, channel), as (B, C, 1...).
 
-    The full-size work of :class:`UHarmonyNorm` in one function with a hand-written backward: only ``x`` and
-    per-(sample, channel) tensors are saved, and ``xhat``, the powers and ``h`` are recomputed in backward,
-    instead of autograd keeping about ten full-size float32 intermediates per layer. ``mu``/``std`` are
-    inputs (computed by ``var_mean`` under autograd), so their own dependence on ``x`` is left to autograd.
-    Shapes: x (B, C, *sp); mu, std, S, T (B, C, 1...); w, b (1, C, 1...); a (K-1, 1, C, 1...) with a[j] the
-    coefficient of clamp(xhat)^(j+2), or None."""
+    On a CPU a batched matrix product reads both tensors once and allocates nothing full-size, where
+    ``(u * v).sum()`` first writes a fresh full-size product (a fresh allocation costs several passes there).
+    Elsewhere (CUDA's cached allocator) the plain form avoids cuBLAS's slow batched matrix-vector path."""
+    keep = u.shape[:2] + (1,) * (u.ndim - 2)
+    if u.device.type != "cpu":
+        return (u * v).sum(tuple(range(2, u.ndim)), keepdim=True)
+    bc = u.shape[0] * u.shape[1]
+    return torch.bmm(u.reshape(bc, 1, -1), v.reshape(bc, -1, 1)).view(keep)
+
+
+def _sum_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum a (B, C, 1...) gradient over the batch where ``like`` is (1, C, 1...)."""
+    return t.sum(0, keepdim=True) if like.shape[0] == 1 and t.shape[0] != 1 else t
+
+
+class _Harmonize(torch.autograd.Function):
+    """The whole :class:`UHarmonyNorm` computation on full-size tensors, with a hand-written backward::
+
+        mu, var = instance statistics of x;  std = sqrt(var + eps);  xhat = (x - mu) / std
+        h = b + w * xhat + sum_k a_k * clamp(xhat)^k
+        y = S * h + T,   S = S0 + lam * std,   T = T0 + lam * mu
+
+    Why one function: autograd would keep about ten full-size intermediates per layer and spend a fresh
+    allocation on almost every element-wise step; here forward allocates three full-size tensors and saves only
+    ``x``, backward allocates three and folds the statistics' own gradient (mu and std depend on x) into
+    ``grad_x`` analytically. Every sum over h or the powers is rewritten as a per-(sample, channel) combination
+    of a few spatial dot products, so h itself is never built in backward.
+    Shapes: x (B, C, *sp); w, b (1, C, 1...); a (K-1, 1, C, 1...) with a[j] the coefficient of
+    clamp(xhat)^(j+2), or None; S0, T0 (B or 1, C, 1...) or None (1 and 0); lam (1, C, 1...) or None (0)."""
 
     @staticmethod
-    def forward(ctx, x, mu, std, w, b, a, S, T, clamp):
-        # in-place on fresh intermediates: each full-size allocation costs as much as a pass on a CPU
-        xhat = (x - mu).div_(std)
-        h = torch.addcmul(b, xhat, w)
+    def forward(ctx, x, w, b, a, S0, T0, lam, eps, clamp):
+        red = tuple(range(2, x.ndim))
+        n = math.prod(x.shape[2:])
+        mu = x.sum(red, keepdim=True).div_(n)
+        y = x - mu  # becomes the output
+        std = _spatial_dot(y, y).div_(n).add_(eps).sqrt_()  # two-pass variance: no cancellation
+        r = std.reciprocal()
+        S = 1.0 if S0 is None else S0
+        T = 0.0 if T0 is None else T0
+        if lam is not None:
+            S, T = S + lam * std, T + lam * mu
         if a is not None:
-            xc = xhat if clamp is None else xhat.clamp_(-clamp, clamp)
-            acc = torch.addcmul(a[-2], xc, a[-1]) if a.shape[0] > 1 else a[-1].expand_as(xc).clone()
-            for k in range(a.shape[0] - 3, -1, -1):  # Horner: a_2 + xc (a_3 + xc (...))
-                acc.mul_(xc).add_(a[k])
-            h.add_(acc.mul_(xc).mul_(xc))
-        ctx.save_for_backward(x, mu, std, w, b, a, S)
+            xc = y * r
+            if clamp is not None:
+                xc.clamp_(-clamp, clamp)
+            aS = a * S  # fold S into the coefficients: S * P(xc) = xc^2 (S a_2 + xc (S a_3 + ...))
+            acc = torch.addcmul(aS[-2], xc, aS[-1]) if a.shape[0] > 1 else aS[-1].expand_as(xc).clone()
+            for k in range(a.shape[0] - 3, -1, -1):  # Horner
+                acc.mul_(xc).add_(aS[k])
+            acc.mul_(xc)
+        y.mul_(S * w * r).add_(S * b + T)
+        if a is not None:
+            y.addcmul_(acc, xc)
+        ctx.save_for_backward(x, mu, std, w, b, a, S0, T0, lam)
         ctx.clamp = clamp
-        return h.mul_(S).add_(T)
+        return y
 
     @staticmethod
     def backward(ctx, g):
-        x, mu, std, w, b, a, S = ctx.saved_tensors
+        x, mu, std, w, b, a, S0, T0, lam = ctx.saved_tensors
         clamp = ctx.clamp
+        g = g.contiguous()
         red = tuple(range(2, x.ndim))
-        red_all = (0,) + red
-        xhat = (x - mu).div_(std)
-        gh = g * S
-        h = xhat * w  # h without b (b's share of grad_S is b * grad_T)
+        n = math.prod(x.shape[2:])
+        r = std.reciprocal()
+        S = torch.ones_like(std) if S0 is None else S0.expand_as(std)
+        if lam is not None:
+            S = S + lam * std
+        xhat = torch.addcmul(-mu * r, x, r)
+        sum_g = g.sum(red, keepdim=True)
+        dot_g_xhat = _spatial_dot(g, xhat)
+        sum_gh = b * sum_g + w * dot_g_xhat  # sum over space of g * h, per (sample, channel)
         grad_a = None
         if a is None:
-            gxhat = gh * w
+            q = g * w  # dL/dxhat / S
         else:
             xc = xhat if clamp is None else xhat.clamp(-clamp, clamp)
-            power_prev, power = xc, xc * xc  # xc^(k-1), xc^k for k = 2
-            dpoly = torch.zeros_like(xc)
-            grads = []
-            for j in range(a.shape[0]):
-                k = j + 2
-                h.addcmul_(a[j], power)
-                dpoly.addcmul_(a[j] * k, power_prev)
-                grads.append((gh * power).sum(red_all, keepdim=True))
-                if j + 1 < a.shape[0]:
-                    power_prev, power = power, power * xc
-            grad_a = torch.stack(grads)
+            power = xc * xc
+            dots = []
+            for j in range(a.shape[0]):  # sum g * xc^k, k = 2..K
+                if j:
+                    power.mul_(xc)
+                dots.append(_spatial_dot(g, power))
+            dots = torch.stack(dots)
+            sum_gh = sum_gh + (a * dots).sum(0)
+            grad_a = (S * dots).sum(1, keepdim=True)
+            q = power  # reuse: P'(xc) = xc (2 a_2 + xc (3 a_3 + ...)), then q = g * (w + P' * unclamped)
+            k_last = a.shape[0] + 1
+            if a.shape[0] > 1:
+                torch.addcmul(a[-2] * (k_last - 1), xc, a[-1] * k_last, out=q)
+            else:
+                q.copy_((a[-1] * k_last).expand_as(xc))
+            for j in range(a.shape[0] - 3, -1, -1):
+                q.mul_(xc).add_(a[j] * (j + 2))
+            q.mul_(xc)
             if clamp is not None:
-                dpoly.mul_((xhat >= -clamp) & (xhat <= clamp))
-            gxhat = dpoly.add_(w).mul_(gh)
-        grad_T = g.sum(red, keepdim=True)
-        grad_S = (g * h).sum(red, keepdim=True) + b * grad_T if ctx.needs_input_grad[6] else None
-        grad_x = gxhat / std
-        grad_mu = -gxhat.sum(red, keepdim=True) / std
-        grad_std = -(gxhat * xhat).sum(red, keepdim=True) / std
-        grad_w = (gh * xhat).sum(red_all, keepdim=True)
-        grad_b = gh.sum(red_all, keepdim=True)
-        return grad_x, grad_mu, grad_std, grad_w, grad_b, grad_a, grad_S, grad_T, None
+                q.mul_(torch.eq(xc, xhat, out=xc))  # 1 where xhat was not clamped (xc no longer needed)
+            q.add_(w).mul_(g)
+        grad_w = (S * dot_g_xhat).sum(0, keepdim=True)
+        grad_b = (S * sum_g).sum(0, keepdim=True)
+        # x -> (xhat, mu, std): d mu/dx = 1/n, d std/dx = xhat/n; dL/dmu, dL/dstd direct = lam * (sum g, sum g h)
+        Sr = S * r
+        c1 = -Sr * q.sum(red, keepdim=True)
+        c2 = -Sr * _spatial_dot(q, xhat)
+        if lam is not None:
+            c1 = c1 + lam * sum_g
+            c2 = c2 + lam * sum_gh
+        grad_x = q.mul_(Sr).add_(c1.div_(n)).addcmul_(xhat, c2.div_(n))
+        grad_S0 = None if S0 is None else _sum_to(sum_gh, S0)
+        grad_T0 = None if T0 is None else _sum_to(sum_g, T0)
+        grad_lam = None if lam is None else (sum_gh * std + sum_g * mu).sum(0, keepdim=True)
+        return grad_x, grad_w, grad_b, grad_a, grad_S0, grad_T0, grad_lam, None, None
 
 
 class UHarmonyNorm(nn.Module):
@@ -308,23 +363,19 @@ class UHarmonyNorm(nn.Module):
         with _no_autocast(x.device.type):
             ct = torch.float64 if in_dtype == torch.float64 else torch.float32  # half: float32
             xf = x.to(ct)
-            red = tuple(range(2, xf.ndim))
-            var, mu = torch.var_mean(xf, dim=red, correction=0, keepdim=True)
-            std = torch.sqrt(var + self.eps)
-            # restoration as a per-(sample, channel) affine y = S * h + T around the polynomial affine h
+            # restoration as a per-(sample, channel) affine y = S * h + T with S = S0 + lam * std, T = T0 + lam * mu
+            S0 = T0 = lam = None
             if self.restoration == "instance":
                 lam = (torch.sigmoid(self.restore_logit.to(ct)) * self.restore_scale.to(ct)).view(shape)
-                S, T = 1.0 + lam * (std - 1.0), lam * mu  # lam * (h * std + mu) + (1 - lam) * h
+                S0 = 1.0 - lam  # lam * (h * std + mu) + (1 - lam) * h
             elif self.restoration == "domain":
                 g = self._gate(x.shape[0], x.device, ct)
                 bshape = (x.shape[0], -1) + (1,) * self.dim
-                S, T = (g @ self.domain_gamma.to(ct)).view(bshape), (g @ self.domain_beta.to(ct)).view(bshape)
-            else:
-                S, T = torch.ones_like(std), torch.zeros_like(mu)
+                S0, T0 = (g @ self.domain_gamma.to(ct)).view(bshape), (g @ self.domain_beta.to(ct)).view(bshape)
             a = None if self.poly_weight is None else self.poly_weight.to(ct).view(-1, 1, self.num_features,
                                                                                    *(1,) * self.dim)
-            y = _HarmonizedAffine.apply(xf, mu, std, self.weight.to(ct).view(shape), self.bias.to(ct).view(shape),
-                                        a, S, T, self.clamp)
+            y = _Harmonize.apply(xf, self.weight.to(ct).view(shape), self.bias.to(ct).view(shape), a, S0, T0, lam,
+                                 self.eps, self.clamp)
             if in_dtype in (torch.float16, torch.bfloat16):
                 lim = torch.finfo(in_dtype).max
                 y = y.clamp(-lim, lim)
