@@ -48,9 +48,12 @@ def ensure_collection(args) -> str:
 def _peak_memory_mb(device) -> float:
     import torch
 
+    from nnharmony.evaluation.benchmark import own_peak_rss_mb
+
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    own = own_peak_rss_mb()  # ru_maxrss would start from the planning parent's peak
+    return own if own is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker(args) -> dict:

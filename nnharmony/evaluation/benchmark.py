@@ -405,7 +405,7 @@ def _safe(name: str) -> str:
 _MARK = "[nnharmony_benchmark]"
 
 
-def _own_peak_rss_mb() -> float | None:
+def own_peak_rss_mb() -> float | None:
     """Peak resident memory of this process since it started (Linux ``VmHWM``). ``ru_maxrss`` of
     ``RUSAGE_SELF`` is no good here: after (v)fork + exec it starts from the parent's peak."""
     try:
@@ -424,7 +424,7 @@ def _peak_memory() -> dict:
     import resource
 
     scale = 2**20 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    own = _own_peak_rss_mb()
+    own = own_peak_rss_mb()
     if own is None:
         own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / scale
