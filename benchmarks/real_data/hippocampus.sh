@@ -6,6 +6,8 @@
 # Usage: [EXPERIMENTS="a b c"] [DEVICE=cpu] [BATCH=2] [METHODS="nnHarmonyTrainer HermesTrainer UHarmonyTrainer"]
 #        bash benchmarks/real_data/hippocampus.sh [WORKDIR] [EPOCHS] [ITERATIONS]
 # (a) and (b) train on plans variants with batch size BATCH (plans_variant.py; BATCH=0 keeps the planned batch).
+# SEED=N: (a) runs both sides with nnUNetTrainer_Budget seeded with N and augmentation in-process
+#   (nnUNet_n_proc_DA=0), results under WORKDIR/seeded_a1 and seeded_a2: the same randomness on both sides.
 # Prints Markdown tables; logs in WORKDIR.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -33,16 +35,23 @@ if want a; then
   [ -d "$nnUNet_preprocessed/Collection910_Hippocampus" ] || \
     nnharmony_plan_and_preprocess -d 910 -n Collection910_Hippocampus -c 3d_fullres -np 2 >&2
   variant Dataset910_Hippocampus Collection910_Hippocampus
-  STEP "(a1) nnharmony_train -tr nnUNetTrainer (per-dataset paradigm), ${EPOCHS}x${ITERS}, plans $JOINT_PLANS"
-  TIMED nnharmony_train Collection910_Hippocampus 3d_fullres 0 -p "$JOINT_PLANS" -tr nnUNetTrainer -device "$DEVICE" \
-    --epochs "$EPOCHS" --iterations-per-epoch "$ITERS" --val-iterations-per-epoch "$VAL_ITERS" > "$WORK/a1.log" 2>&1
-  STEP "(a2) nnUNetv2_train -tr nnUNetTrainer_Budget, ${EPOCHS}x${ITERS}, plans $MEMBER_PLANS"
-  BUDGET_EPOCHS=$EPOCHS BUDGET_ITERATIONS=$ITERS BUDGET_VAL_ITERATIONS=$VAL_ITERS nnUNet_extTrainer="$HERE" \
-    TIMED nnUNetv2_train 910 3d_fullres 0 -p "$MEMBER_PLANS" -tr nnUNetTrainer_Budget -device "$DEVICE" > "$WORK/a2.log" 2>&1
-  R="$nnUNet_results/Dataset910_Hippocampus"
+  A_ENV=(BUDGET_EPOCHS="$EPOCHS" BUDGET_ITERATIONS="$ITERS" BUDGET_VAL_ITERATIONS="$VAL_ITERS" nnUNet_extTrainer="$HERE")
+  A1_TRAINER=nnUNetTrainer; A1_RESULTS=$nnUNet_results; A2_RESULTS=$nnUNet_results; SUFFIX=""
+  if [ -n "${SEED:-}" ]; then  # nnharmony_train finds nnUNetTrainer_Budget through nnUNet_extTrainer, as nnU-Net does
+    A_ENV+=(BUDGET_SEED="$SEED" nnUNet_n_proc_DA=0)
+    A1_TRAINER=nnUNetTrainer_Budget; A1_RESULTS=$WORK/seeded_a1; A2_RESULTS=$WORK/seeded_a2; SUFFIX=", seed $SEED"
+  fi
+  STEP "(a1) nnharmony_train -tr $A1_TRAINER (per-dataset paradigm), ${EPOCHS}x${ITERS}, plans $JOINT_PLANS$SUFFIX"
+  TIMED env "${A_ENV[@]}" nnUNet_results="$A1_RESULTS" nnharmony_train Collection910_Hippocampus 3d_fullres 0 -p "$JOINT_PLANS" \
+    -tr "$A1_TRAINER" -device "$DEVICE" --epochs "$EPOCHS" --iterations-per-epoch "$ITERS" \
+    --val-iterations-per-epoch "$VAL_ITERS" > "$WORK/a1${SEED:+_seed$SEED}.log" 2>&1
+  STEP "(a2) nnUNetv2_train -tr nnUNetTrainer_Budget, ${EPOCHS}x${ITERS}, plans $MEMBER_PLANS$SUFFIX"
+  TIMED env "${A_ENV[@]}" nnUNet_results="$A2_RESULTS" nnUNetv2_train 910 3d_fullres 0 -p "$MEMBER_PLANS" -tr nnUNetTrainer_Budget \
+    -device "$DEVICE" > "$WORK/a2${SEED:+_seed$SEED}.log" 2>&1
+  V="Dataset910_Hippocampus/%s__${MEMBER_PLANS}__3d_fullres/fold_0/validation/summary.json"
   echo "| run | anterior Dice | posterior Dice | mean Dice |"; echo "|---|---:|---:|---:|"
-  echo "| (a1) nnharmony_train -tr nnUNetTrainer $(summary "$R/nnUNetTrainer__${MEMBER_PLANS}__3d_fullres/fold_0/validation/summary.json")"
-  echo "| (a2) nnUNetv2_train -tr nnUNetTrainer_Budget $(summary "$R/nnUNetTrainer_Budget__${MEMBER_PLANS}__3d_fullres/fold_0/validation/summary.json")"
+  echo "| (a1) nnharmony_train -tr $A1_TRAINER$SUFFIX $(summary "$A1_RESULTS/$(printf "$V" "$A1_TRAINER")")"
+  echo "| (a2) nnUNetv2_train -tr nnUNetTrainer_Budget$SUFFIX $(summary "$A2_RESULTS/$(printf "$V" nnUNetTrainer_Budget)")"
 fi
 
 if want b; then
