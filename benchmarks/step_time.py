@@ -9,6 +9,7 @@ Data loading is excluded from the step time (one batch reused), as in nnU-Net's
 
     python benchmarks/step_time.py                       # synthetic collection in a temp folder, CPU
     python benchmarks/step_time.py -c Collection900_X -device cuda --trainers nnHarmonyTrainer HermesTrainer
+    python benchmarks/step_time.py -c Collection911_SynthHippo -p nnHarmonyPlans_bs2   # a plans variant
 """
 from __future__ import annotations
 
@@ -64,8 +65,8 @@ def worker(args) -> dict:
 
     device = torch.device(args.device)
     trainer_name = "nnHarmonyTrainer" if args.worker == REFERENCE else args.worker
-    trainer = build_trainer(TrainingOptions(args.collection, args.configuration, 0, trainer_name, device=args.device),
-                            device)
+    trainer = build_trainer(TrainingOptions(args.collection, args.configuration, 0, trainer_name, plans=args.plans,
+                                            device=args.device), device)
     trainer.initialize()
     loader_tr, _ = trainer.get_dataloaders()
     batch = next(loader_tr)
@@ -121,6 +122,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--collection", default=None, help="planned collection (default: synthetic, temp folder)")
     p.add_argument("-cfg", "--configuration", default="3d_fullres")
+    p.add_argument("-p", "--plans", default="nnHarmonyPlans", help="joint plans identifier (e.g. a batch-size variant)")
     p.add_argument("-device", "--device", default="cpu")
     p.add_argument("--trainers", nargs="+", default=["nnHarmonyTrainer"])
     p.add_argument("--steps", type=int, default=10)
@@ -136,7 +138,7 @@ def main() -> None:
     rows = []
     for name in [REFERENCE, *args.trainers]:
         cmd = [sys.executable, __file__, "--worker", name, "-c", args.collection, "-cfg", args.configuration,
-               "-device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "-p", args.plans, "-device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--loader-batches", str(args.loader_batches)]
         # the reference step is not compiled; compile none unless the user asks (nnUNet_compile=t)
         env = {"nnUNet_compile": "f", **os.environ}
@@ -148,8 +150,8 @@ def main() -> None:
         rows.append(json.loads(line[-1][7:]))
     ref = next(r for r in rows if r["trainer"] == REFERENCE)
     base = next((r for r in rows if r["trainer"] == "nnHarmonyTrainer"), None)
-    print(f"\ncollection {args.collection}, {args.configuration}, device {args.device}, patch {ref['patch']}, "
-          f"batch {ref['batch']}, {args.steps} steps after {args.warmup} warm-up\n")
+    print(f"\ncollection {args.collection}, {args.plans}, {args.configuration}, device {args.device}, "
+          f"patch {ref['patch']}, batch {ref['batch']}, {args.steps} steps after {args.warmup} warm-up\n")
     print("| trainer | step (s) | x nnU-Net | x nnHarmonyTrainer | peak memory (MB) |")
     print("|---|---|---|---|---|")
     for r in rows:
