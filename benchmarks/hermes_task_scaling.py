@@ -17,13 +17,13 @@ warm-up steps first.
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
+from nnharmony.evaluation.benchmark import own_peak_rss_mb
 from nnharmony.networks.hermes import HermesUNet
 from nnharmony.networks.hermes_loss import HermesLoss
 from nnharmony.trainers.losses import PartialLabelLoss, nnunet_deep_supervision_weights
@@ -100,7 +100,7 @@ def measure(kind: str, num_tasks: int, layout: str, args, device: torch.device) 
         torch.cuda.reset_peak_memory_stats(device)
     step_s = time_steps(step, args.steps, args.warmup, device)
     peak = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            else own_peak_rss_mb())
     return {"kind": kind, "tasks": num_tasks, "layout": layout, "per_sample": per_sample, "step_s": step_s,
             "peak_mb": peak}
 

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -53,8 +52,7 @@ def _peak_memory_mb(device) -> float:
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    own = own_peak_rss_mb()  # ru_maxrss would start from the planning parent's peak
-    return own if own is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return own_peak_rss_mb()  # not ru_maxrss: it would start from the planning parent's peak
 
 
 def worker(args) -> dict:

@@ -405,9 +405,12 @@ def _safe(name: str) -> str:
 _MARK = "[nnharmony_benchmark]"
 
 
-def own_peak_rss_mb() -> float | None:
+_RU_MAXRSS_PER_MB = 2**20 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+
+
+def own_peak_rss_mb() -> float:
     """Peak resident memory of this process since it started (Linux ``VmHWM``). ``ru_maxrss`` of
-    ``RUSAGE_SELF`` is no good here: after (v)fork + exec it starts from the parent's peak."""
+    ``RUSAGE_SELF`` is only the fallback (no ``/proc``): after (v)fork + exec it starts from the parent's peak."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -415,7 +418,9 @@ def own_peak_rss_mb() -> float | None:
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return None
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / _RU_MAXRSS_PER_MB
 
 
 def _peak_memory() -> dict:
@@ -423,11 +428,8 @@ def _peak_memory() -> dict:
     pools, DDP ranks); peak GPU memory: PyTorch's maximum allocated memory in this process."""
     import resource
 
-    scale = 2**20 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / _RU_MAXRSS_PER_MB
     own = own_peak_rss_mb()
-    if own is None:
-        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / scale
     out = {"peak_rss_mb": max(own, children), "peak_cuda_mb": None}
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
