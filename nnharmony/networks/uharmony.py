@@ -116,6 +116,12 @@ def _sum_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.sum(0, keepdim=True) if like.shape[0] == 1 and t.shape[0] != 1 else t
 
 
+def _restoration_scale(S0: torch.Tensor | None, lam: torch.Tensor | None, std: torch.Tensor):
+    """S = S0 + lam * std of :class:`_Harmonize` (S0 None: 1; lam None: 0), shared by forward and backward."""
+    S = 1.0 if S0 is None else S0
+    return S if lam is None else S + lam * std
+
+
 class _Harmonize(torch.autograd.Function):
     """The whole :class:`UHarmonyNorm` computation on full-size tensors, with a hand-written backward::
 
@@ -139,10 +145,10 @@ class _Harmonize(torch.autograd.Function):
         y = x - mu  # becomes the output
         std = _spatial_dot(y, y).div_(n).add_(eps).sqrt_()  # two-pass variance: no cancellation
         r = std.reciprocal()
-        S = 1.0 if S0 is None else S0
+        S = _restoration_scale(S0, lam, std)
         T = 0.0 if T0 is None else T0
         if lam is not None:
-            S, T = S + lam * std, T + lam * mu
+            T = T + lam * mu
         if a is not None:
             xc = y * r
             if clamp is not None:
@@ -167,9 +173,7 @@ class _Harmonize(torch.autograd.Function):
         red = tuple(range(2, x.ndim))
         n = math.prod(x.shape[2:])
         r = std.reciprocal()
-        S = torch.ones_like(std) if S0 is None else S0.expand_as(std)
-        if lam is not None:
-            S = S + lam * std
+        S = _restoration_scale(S0, lam, std)
         xhat = torch.addcmul(-mu * r, x, r)
         sum_g = g.sum(red, keepdim=True)
         dot_g_xhat = _spatial_dot(g, xhat)
