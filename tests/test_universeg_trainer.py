@@ -167,12 +167,13 @@ def test_support_bad_inputs(tmp_path):
     d = tmp_path / "size"
     _write(d / "a_0000.nii.gz", np.zeros((4, 12, 12), np.float32))
     _write(d / "a.nii.gz", np.zeros((4, 12, 10), np.uint8))
-    err(r"a_0000.nii.gz \(size \(12, 12, 4\)\) and its label .*a.nii.gz \(size \(10, 12, 4\)\) do not match",
+    err(r"a.nii.gz: geometry mismatch with its image .*a_0000.nii.gz: shape \(x, y, z\) \(10, 12, 4\) != \(12, 12, 4\)",
         sup.read_support_set, sup.find_support_pairs(d), 2)
     d = tmp_path / "spacing"
     _write(d / "a_0000.nii.gz", np.zeros((4, 12, 12), np.float32))
     _write(d / "a.nii.gz", np.zeros((4, 12, 12), np.uint8), spacing=(1.0, 1.0, 3.0))
-    err("spacing .* do not match", sup.read_support_set, sup.find_support_pairs(d), 2)
+    err("a.nii.gz: geometry mismatch with its image .*a_0000.nii.gz: spacing", sup.read_support_set,
+        sup.find_support_pairs(d), 2)
     d = tmp_path / "channels"
     _case(d, "a", "flat")
     _write(d / "a_0001.nii.gz", np.zeros((4, 12, 12), np.float32))

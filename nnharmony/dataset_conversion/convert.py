@@ -60,6 +60,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnharmony.data.collection import CollectionError, fold_name
+from nnharmony.dataset_conversion.image_integrity import image_file_problem
 from nnharmony.dataset_conversion.validation import (
     PARALLEL_MIN_CASES,
     Geometry,
@@ -443,6 +444,9 @@ def _check_source_case(c: _SourceCase, num_channels: int, modalities: Sequence[s
     """Pass 1 for one case: (problems, effective dimension, label values present)."""
     probs: list[str] = []
     geoms = []
+    broken = [f"{f}: {why}" for f in [*c.images, c.label] if f is not None and (why := image_file_problem(f))]
+    if broken:  # truncated/corrupt: SimpleITK would read zeros for the missing part
+        return broken, None, None
     for f in c.images:
         try:
             g, n = _channel_geometry(f)
@@ -797,7 +801,25 @@ def convert_plain_folder(
         return st.commit()[0]
 
 
+def _case_name_problem(case: str) -> str | None:
+    """Why ``case`` cannot name output files (path separators, ``..``, a leading dot, control characters)."""
+    if not case or not case.strip():
+        return "is empty"
+    if "/" in case or "\\" in case or os.sep in case or (os.altsep and os.altsep in case):
+        return "contains a path separator"
+    if ".." in case:
+        return "contains '..'"
+    if case.startswith("."):
+        return "starts with '.' (hidden file names are skipped by nnU-Net)"
+    if any(ord(ch) < 32 for ch in case):
+        return "contains control characters"
+    return None
+
+
 def _pair_plain(target, images, labels, modalities, image_pattern, label_pattern, case_ids) -> list[_SourceCase]:
+    """Source cases of a plain folder or file lists. A case name is refused (never rewritten into a different
+    path) when it holds a path separator, ``..`` or a leading dot, so nothing can be written outside the target
+    folder; other characters outside ``[A-Za-z0-9._-]`` become ``_``."""
     num_channels = len(modalities)
     if isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
         if not (isinstance(labels, (str, os.PathLike)) and Path(labels).is_dir()):
@@ -833,6 +855,10 @@ def _pair_plain(target, images, labels, modalities, image_pattern, label_pattern
         cases = []
         for case in sorted(by_case):
             chans = by_case[case]
+            why = _case_name_problem(case)
+            if why:
+                problems.append(f"{next(iter(chans.values()))}: case name {case!r} {why}")
+                continue
             if case not in label_files:
                 problems.append(f"{next(iter(chans.values()))}: no label file for case {case!r} in {lab_dir}")
                 continue
@@ -874,10 +900,14 @@ def _pair_plain(target, images, labels, modalities, image_pattern, label_pattern
             if not f.is_file():
                 raise CollectionError(f"cannot convert to {target}: {f} does not exist")
         if case_ids is not None:
-            case = case_ids[i]
+            case = str(case_ids[i])
         else:
             case = _strip_ext(files[0].name)
             case = re.sub(r"_\d{4}$", "", case)
+        why = _case_name_problem(case)
+        if why:
+            raise CollectionError(f"cannot convert to {target}: case name {case!r} (for {files[0]}) {why}; "
+                                  f"give a plain name such as 'case_001' (--case-ids)")
         cases.append(_SourceCase(sanitize_case_id(case), files, Path(lab)))
     return cases
 

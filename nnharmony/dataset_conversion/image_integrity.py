@@ -19,6 +19,7 @@ file: about as long as decompressing it, far less than reading it with SimpleITK
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import struct
 import zlib
@@ -48,6 +49,9 @@ def image_file_problem(path: str | os.PathLike) -> str | None:
     try:
         if name.endswith(".png"):
             return _png_problem(path)
+        if name.endswith(".gz") and not _starts_with(path, b"\x1f\x8b"):
+            # not gzip at all: NIfTI readers open such files as uncompressed; anything else is left to the reader
+            return _nifti_size_problem(path, path.stat().st_size, False) if name.endswith(".nii.gz") else None
         if name.endswith(".gz"):
             why, n = _gzip_problem(path)
             if why is None and name.endswith(".nii.gz"):
@@ -65,6 +69,11 @@ def image_file_problem(path: str | os.PathLike) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- gzip / zlib
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
+
+
 def _gzip_problem(path: Path, offset: int = 0) -> tuple[str | None, int]:
     """(problem, decompressed length) of the gzip stream(s) starting at ``offset``."""
     n = 0
@@ -114,8 +123,12 @@ def _nifti_size_problem(path: Path, available: int, compressed: bool) -> str | N
     except ImportError:  # pragma: no cover - nibabel comes with nnunetv2
         return None
     try:
-        header = nib.load(str(path)).header
-        offset = int(header.get_data_offset())
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+            head = f.read(540)
+        nifti2 = 540 in (struct.unpack("<i", head[:4])[0], struct.unpack(">i", head[:4])[0])
+        cls = nib.Nifti2Header if nifti2 else nib.Nifti1Header
+        header = cls.from_fileobj(io.BytesIO(head), check=False)
+        offset = int(header["vox_offset"])
         itemsize = np.dtype(header.get_data_dtype()).itemsize
         need = offset + int(np.prod(header.get_data_shape(), dtype=np.int64)) * itemsize
     except Exception:  # not a header nibabel understands: leave the verdict to SimpleITK

@@ -17,7 +17,11 @@ Checks (``validate_raw_dataset``):
 - image channels and label share one geometry: shape exactly; spacing, origin and direction within a small
   tolerance (nnU-Net itself only warns about origin and direction; a mismatch there means misaligned labels);
 - all cases of a dataset have the same dimensionality (2D or 3D);
-- with ``check_images``: no NaN/Inf in images, integral label values, and only declared label values.
+- with ``check_images``: every file complete (:func:`~nnharmony.dataset_conversion.image_integrity.check_image_file_intact`:
+  a truncated ``.nii.gz``/``.nii``/PNG/NRRD/MetaImage, which SimpleITK would read with zeros for the missing part,
+  or a gzip/PNG CRC error is reported), no NaN/Inf in images, integral label values, and only declared label values.
+- images of different sizes in one dataset are fine (typical of 2D PNG data: microscopy, X-ray, photographs);
+  only a case's channels and label must share one grid.
 
 Header checks read only the image headers (``sitk.ImageFileReader.ReadImageInformation``); voxel checks read
 the arrays, in a spawn process pool for larger datasets (SimpleITK readers crash when used from several
@@ -41,6 +45,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnharmony.data.collection import CollectionError
+from nnharmony.dataset_conversion.image_integrity import image_file_problem
 
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 MAX_LISTED_PROBLEMS = 20
@@ -380,6 +385,11 @@ def _check_case(folder: Path, case: str, files: Mapping[str, Any], declared: lis
     geoms: list[Geometry] = []
     for img in files["images"] + [files["label"]]:
         is_label = img == files["label"]
+        if check_images:
+            why = image_file_problem(img)
+            if why:
+                problems.append(f"{_rel(folder, img)}: {why}")
+                return problems, None
         try:
             if check_images:
                 im = sitk.ReadImage(str(img))

@@ -23,8 +23,9 @@ def default_configuration(collection: str, trainer: str, plans: str) -> str:
     return trained[0] if len(trained) == 1 else "3d_fullres"
 
 
-def list_cases(input_folder: str | Path, file_ending: str) -> dict[str, list[str]]:
-    """case id -> channel files, sorted by channel index; a clear error for an empty or malformed folder."""
+def list_cases(input_folder: str | Path, file_ending: str, check_files: bool = True) -> dict[str, list[str]]:
+    """case id -> channel files, sorted by channel index; a clear error for an empty or malformed folder and
+    (``check_files``) for a truncated or corrupt image file."""
     folder = Path(input_folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: input folder not found")
@@ -41,6 +42,10 @@ def list_cases(input_folder: str | Path, file_ending: str) -> dict[str, list[str
         idx = [int(Path(c).name[: -len(file_ending)][-4:]) for c in chans]
         if idx != list(range(len(chans))):
             raise ValueError(f"{folder}: case {case} has channels {idx}; expected 0..{len(chans) - 1} without gaps")
+    from nnharmony.dataset_conversion.image_integrity import check_image_file_intact
+
+    for f in files if check_files else ():  # truncated/corrupt inputs would be read with zeros for the missing part
+        check_image_file_intact(f)
     return cases
 
 
@@ -50,7 +55,7 @@ def list_cases_any_ending(input_folder: str | Path, file_endings: Sequence[str])
     errors = []
     for ending in file_endings:
         try:
-            found = list_cases(input_folder, ending)
+            found = list_cases(input_folder, ending, check_files=False)
         except ValueError as e:
             errors.append(e)
             continue
@@ -61,6 +66,11 @@ def list_cases_any_ending(input_folder: str | Path, file_endings: Sequence[str])
     if not cases:
         raise errors[0] if len(errors) == 1 else ValueError(
             f"{input_folder}: no images found for any of the file endings {list(file_endings)}: {errors}")
+    from nnharmony.dataset_conversion.image_integrity import check_image_file_intact
+
+    for files in cases.values():
+        for f in files:
+            check_image_file_intact(f)
     return cases
 
 

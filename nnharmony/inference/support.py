@@ -36,7 +36,8 @@ plans for new data, so nothing is resampled):
   (background, foreground), nnU-Net's layout for a one-label task.
 
 Bad input is refused before anything is predicted, with the file names: a missing or empty support folder,
-an image without label or label without image, image/label size or spacing mismatch, more channels than the
+an image without label or label without image, a truncated or corrupt file, image/label size, spacing, origin
+or direction mismatch (the geometry check of raw-data validation), more channels than the
 model takes (``CASE_0001`` files or vector pixels), wrong dimensionality (a 2D support or input for the 3D
 model, 4D images), a support set without foreground for the requested label, an ambiguous or unknown
 ``--label``.
@@ -161,8 +162,13 @@ def _read_info(path: Path):
 
 
 def check_image_file(path: Path, dim: int, what: str) -> tuple[int, ...]:
-    """Header checks of one image: one component per pixel, 2D/3D (3D only for the 3D model). Returns its size
-    (SimpleITK order)."""
+    """Header checks of one image: complete file (not truncated, no CRC error), one component per pixel, 2D/3D
+    (3D only for the 3D model). Returns its size (SimpleITK order)."""
+    from nnharmony.dataset_conversion.image_integrity import image_file_problem
+
+    broken = image_file_problem(path)
+    if broken:
+        raise SupportError(f"{what} {path}: {broken}")
     info = _read_info(path)
     ncomp = info.GetNumberOfComponents()
     if ncomp != 1:
@@ -206,17 +212,22 @@ class SupportExample:
 
 
 def read_support_set(pairs: Sequence[SupportPair], dim: int, in_channels: int = 1) -> list[SupportExample]:
-    """Read and check every support pair (channels, dimensionality, image/label geometry)."""
+    """Read and check every support pair (channels, dimensionality, complete files, image/label geometry: size,
+    spacing, origin and direction with the tolerances of raw-data validation,
+    :func:`nnharmony.dataset_conversion.validation.geometry_mismatch`)."""
+    from nnharmony.dataset_conversion.validation import Geometry, geometry_mismatch
+
     for p in pairs:
         if len(p.image_files) > in_channels:
             raise SupportError(
                 f"support case {p.case} has {len(p.image_files)} channels ({', '.join(f.name for f in p.image_files)})"
                 f" but the model takes {in_channels}; keep only {p.case}_0000 (UniverSeg is single-channel)")
-        isize = check_image_file(p.image_files[0], dim, "support image")
-        lsize = check_image_file(p.label_file, dim, "support label")
-        if isize != lsize:
-            raise SupportError(f"support image {p.image_files[0]} (size {isize}) and its label {p.label_file} "
-                               f"(size {lsize}) do not match")
+        check_image_file(p.image_files[0], dim, "support image")
+        check_image_file(p.label_file, dim, "support label")
+        why = geometry_mismatch(Geometry.of_file(p.image_files[0]), Geometry.of_file(p.label_file))
+        if why:
+            raise SupportError(f"support label {p.label_file}: geometry mismatch with its image "
+                               f"{p.image_files[0]}: {why}")
     out = []
     for p in pairs:
         img, sp, _ = read_image(p.image_files[0])
