@@ -1,4 +1,4 @@
-"""nnharmony_plan_and_preprocess -d 901 902 903 -n Collection900_Synthetic [-c 3d_fullres 2d] [-np N]"""
+"""nnharmony_plan_and_preprocess -d 901 902 903 -n Collection900_Synthetic [-c 3d_fullres 2d] [-np N] [-npfp N]"""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--name", required=True, help="collection name, e.g. Collection900_Abdomen")
     p.add_argument("-c", nargs="+", default=["3d_fullres"], help="configurations (3d_fullres, 2d)")
     p.add_argument("-np", nargs="+", type=int, default=None,
-                   help="processes for preprocessing, one value or one per configuration")
+                   help="processes for preprocessing, one value or one per configuration (default: 2d 4, 3d_fullres 2)")
+    p.add_argument("-npfp", type=int, default=None,
+                   help="processes for fingerprint extraction and raw-data validation (default: the largest -np)")
     p.add_argument("-pl", default="ExperimentPlanner", help="experiment planner class name, as in nnU-Net")
     p.add_argument("-gpu_memory_target", type=float, default=None, help="GPU memory target in GB for the planner")
     p.add_argument("--spec", default=None, help="use this hand-written collection spec (JSON) instead of generating one")
@@ -28,9 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-alias", nargs="*", default=[], metavar="[DatasetXXX_Name:]LABEL=TASK",
                    help="map a label onto a global task name, e.g. Dataset902_B:tumour=lesion")
     p.add_argument("--no-merge", action="store_true", help="do not merge labels with the same name across members")
-    p.add_argument("--sampling", default="sqrt", choices=["uniform", "proportional", "sqrt", "temperature", "explicit"],
-                   help="how the member of each training sample is drawn (see README)")
-    p.add_argument("--temperature", type=float, default=0.5, help="tau of the 'temperature' sampling scheme")
+    p.add_argument("--sampling", default=None, choices=["uniform", "proportional", "sqrt", "temperature", "explicit"],
+                   help="how the member of each training sample is drawn (default sqrt; see README)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="tau of the 'temperature' sampling scheme (default 0.5)")
     p.add_argument("--extends", default=None, metavar="COLLECTION",
                    help="this collection extends COLLECTION (new members, modalities, tasks) so that models trained on "
                         "it can be adapted with nnharmony_adapt: ids and network configuration are kept")
@@ -39,27 +42,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _preprocessing_processes(np_values: list[int] | None, configurations: list[str]) -> dict[str, int] | None:
+    if np_values is None:
+        return None
+    if len(np_values) not in (1, len(configurations)):
+        raise ValueError(f"-np takes one value or one per configuration ({len(configurations)}), got {np_values}")
+    return dict(zip(configurations, np_values * len(configurations) if len(np_values) == 1 else np_values))
+
+
+def _spec_options(args: argparse.Namespace) -> dict:
+    """The spec options given on the command line, and only those: re-planning applies them to a kept spec."""
+    options: dict = {}
+    if args.domain:
+        options["domains"] = {int(k): v for k, v in parse_key_value_pairs(args.domain, "--domain").items()}
+    if args.modality_alias:
+        options["modality_aliases"] = parse_key_value_pairs(args.modality_alias, "--modality-alias")
+    if args.task_alias:
+        options["task_aliases"] = parse_key_value_pairs(args.task_alias, "--task-alias")
+    if args.no_merge:
+        options["merge_by_name"] = False
+    sampling = {k: v for k, v in (("scheme", args.sampling), ("temperature", args.temperature)) if v is not None}
+    if sampling:
+        options["sampling"] = sampling
+    return options
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from nnharmony.planners.plan_and_preprocess import plan_and_preprocess_collection
 
-    nproc = None
-    if args.np is not None:
-        if len(args.np) not in (1, len(args.c)):
-            raise ValueError(f"-np takes one value or one per configuration ({len(args.c)}), got {args.np}")
-        values = args.np * len(args.c) if len(args.np) == 1 else args.np
-        nproc = dict(zip(args.c, values))
-    spec_options = {
-        "domains": {int(k): v for k, v in parse_key_value_pairs(args.domain, "--domain").items()},
-        "modality_aliases": parse_key_value_pairs(args.modality_alias, "--modality-alias"),
-        "task_aliases": parse_key_value_pairs(args.task_alias, "--task-alias"),
-        "merge_by_name": not args.no_merge,
-        "sampling": {"scheme": args.sampling, "temperature": args.temperature},
-    }
     spec, joint = plan_and_preprocess_collection(
         [int(d) if str(d).isdigit() else d for d in args.d], args.name, args.c, args.pl, args.gpu_memory_target,
-        nproc, args.clean, args.spec, spec_options, args.verbose, args.extends,
+        _preprocessing_processes(args.np, args.c), args.clean, args.spec, _spec_options(args), args.verbose,
+        args.extends, args.npfp,
     )
     print(f"\ncollection {spec.name}: {len(spec.members)} members, modalities {spec.modalities}, "
           f"{spec.num_tasks} global tasks {spec.tasks}")

@@ -7,6 +7,7 @@ joint plan are written atomically, so an interrupted run leaves the previous fil
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -16,24 +17,44 @@ from nnharmony.data.collection import CollectionError, CollectionSpec, build_col
 from nnharmony.paths import (COLLECTION_SPEC_FILE, collection_dir, find_dataset_folder, preprocessed_dir,
                              raw_dir)
 from nnharmony.planners.joint_planner import build_joint_plans, joint_plans_identifier, planner_threads
+from nnharmony.planners.preprocessed import preprocess_configuration, sync_gt_segmentations
+from nnharmony.planners.spec_options import apply_spec_options, build_options
+from nnharmony.planners.workers import nnunet_pools_die_with_parent
 from nnharmony.utils.find_class import find_planner_class
 from nnharmony.utils.io import load_json, save_json_atomic
 
 DEFAULT_NUM_PROCESSES = {"2d": 4, "3d_fullres": 2}
 
 
-def _member_is_preprocessed(dataset_name: str, plans_identifier: str, configuration: str, num_training: int) -> bool:
-    plans_file = preprocessed_dir() / dataset_name / f"{plans_identifier}.json"
-    if not plans_file.is_file():
+@dataclass(frozen=True)
+class WorkerCounts:
+    """Processes each step may use: the counts the user gave, else nnharmony's defaults.
+
+    ``fingerprint`` also bounds the raw-data validation's reader processes; without ``-npfp`` it is the
+    largest preprocessing count of the configurations being planned (``-np 1`` means one process throughout)."""
+
+    fingerprint: int
+    preprocessing: dict[str, int]
+
+    @classmethod
+    def resolve(cls, configurations: Sequence[str], num_processes: Mapping[str, int] | None = None,
+                fingerprint: int | None = None) -> "WorkerCounts":
+        given = dict(num_processes or {})
+        per_config = {c: int(given.get(c, DEFAULT_NUM_PROCESSES.get(c, 2))) for c in configurations}
+        counts = [*per_config.values(), *([fingerprint] if fingerprint is not None else [])]
+        if any(n < 1 for n in counts):
+            raise ValueError(f"worker counts must be at least 1, got {counts}")
+        fp = int(fingerprint) if fingerprint is not None else max(per_config.values(), default=1)
+        return cls(fp, per_config)
+
+
+def _json_readable(path: Path) -> bool:
+    """nnU-Net writes fingerprints and plans in place: a run killed meanwhile leaves a file that does not parse."""
+    try:
+        load_json(path)
+    except (FileNotFoundError, ValueError):
         return False
-    cfg = load_json(plans_file)["configurations"].get(configuration)
-    if cfg is None:
-        return False
-    folder = preprocessed_dir() / dataset_name / cfg["data_identifier"]
-    if not folder.is_dir():
-        return False
-    n_props = len(list(folder.glob("*.pkl")))
-    return n_props >= num_training and (preprocessed_dir() / dataset_name / "gt_segmentations").is_dir()
+    return True
 
 
 def prepare_members(
@@ -44,41 +65,45 @@ def prepare_members(
     num_processes: Mapping[str, int] | None = None,
     clean: bool = False,
     verbose: bool = False,
+    num_processes_fingerprint: int | None = None,
 ) -> str:
-    """Validate, fingerprint, plan and preprocess every member with nnU-Net; returns the plans identifier."""
+    """Validate, fingerprint, plan and preprocess every member with nnU-Net; returns the plans identifier.
+
+    Finished steps are reused unless ``clean``; an interrupted step is detected and redone (fingerprint and
+    plans that do not parse, incomplete preprocessed data or ``gt_segmentations``: see
+    :mod:`nnharmony.planners.preprocessed`). Worker processes stop with this process."""
+    from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
-                                                                      plan_experiment_dataset,
-                                                                      preprocess_dataset)
+                                                                      plan_experiment_dataset)
 
     from nnharmony.dataset_conversion.validation import validate_members_compatible, validate_raw_dataset
 
+    workers = WorkerCounts.resolve(configurations, num_processes, num_processes_fingerprint)
     folders = [find_dataset_folder(d) for d in dataset_ids]
     for folder in tqdm(folders, desc="validating members", disable=len(folders) < 2):
-        validate_raw_dataset(folder)
+        validate_raw_dataset(folder, num_processes=workers.fingerprint)
     validate_members_compatible(folders)
 
     planner_class = find_planner_class(planner_name)
-    nproc = dict(DEFAULT_NUM_PROCESSES)
-    nproc.update(num_processes or {})
     plans_identifier = None
     for folder in tqdm(folders, desc="nnU-Net fingerprint/plan/preprocess", unit="dataset"):
         did = int(folder.name[len("Dataset"):].split("_")[0])
         pre = preprocessed_dir() / folder.name
-        if clean or not (pre / "dataset_fingerprint.json").is_file():
-            extract_fingerprint_dataset(did, num_processes=max(nproc.values()), clean=True, verbose=verbose)
+        if clean or not _json_readable(pre / "dataset_fingerprint.json"):
+            with nnunet_pools_die_with_parent(fingerprint_extractor):
+                extract_fingerprint_dataset(did, num_processes=workers.fingerprint, clean=True, verbose=verbose)
         kwargs = {}
         if gpu_memory_target_in_gb is not None:
             kwargs["gpu_memory_target_in_gb"] = gpu_memory_target_in_gb
         planner = planner_class(did, **kwargs)
         plans_identifier = planner.plans_identifier
         # an explicit memory target re-plans: nnU-Net's planner writes it into the same plans file
-        if clean or gpu_memory_target_in_gb is not None or not (pre / f"{plans_identifier}.json").is_file():
+        if clean or gpu_memory_target_in_gb is not None or not _json_readable(pre / f"{plans_identifier}.json"):
             with planner_threads():
                 plan_experiment_dataset(did, planner_class, gpu_memory_target_in_gb)
-        n_train = int(load_json(folder / "dataset.json")["numTraining"])
-        todo = [c for c in configurations if clean or not _member_is_preprocessed(folder.name, plans_identifier, c, n_train)]
-        if todo:
-            preprocess_dataset(did, plans_identifier, todo, [nproc.get(c, 2) for c in todo], verbose=verbose)
+        for c in configurations:
+            preprocess_configuration(folder.name, plans_identifier, c, workers.preprocessing[c], verbose, redo=clean)
+        sync_gt_segmentations(folder.name)
     assert plans_identifier is not None
     return plans_identifier
 
@@ -95,9 +120,13 @@ def plan_and_preprocess_collection(
     spec_options: Mapping[str, Any] | None = None,
     verbose: bool = False,
     extends: str | None = None,
+    num_processes_fingerprint: int | None = None,
 ) -> tuple[CollectionSpec, dict]:
     """The whole command. ``spec_file``: a hand-written spec to use instead of a generated one.
-    ``spec_options``: keyword arguments of ``build_collection_spec`` (domains, merge_by_name, aliases...).
+    ``spec_options``: the keyword arguments of ``build_collection_spec`` the user gave (domains, merge_by_name,
+    aliases, a partial sampling dict); on re-planning they are applied to the kept spec
+    (:mod:`nnharmony.planners.spec_options`). ``num_processes``/``num_processes_fingerprint``: see
+    :class:`WorkerCounts`.
     ``extends``: an existing collection whose trained models will be adapted to this one: its modality, task
     and domain ids are kept and its joint network configuration (topology, patch, batch) is reused."""
     if not dataset_ids and spec_file is None:
@@ -129,9 +158,12 @@ def plan_and_preprocess_collection(
     elif target.exists() and any(target.iterdir()) and not clean:
         raise CollectionError(f"{target} exists and is not an nnharmony collection; choose another name or pass --clean")
 
-    plans_identifier = prepare_members(
-        ids, configurations, planner_name, gpu_memory_target_in_gb, num_processes, clean, verbose
-    )
+    plans_identifier = prepare_members(ids, configurations, planner_name, gpu_memory_target_in_gb, num_processes,
+                                       clean, verbose, num_processes_fingerprint)
+    joint_file = target / f"{joint_plans_identifier(plans_identifier)}.json"
+    previous_joint = load_json(joint_file) if existing is not None and not clean and _json_readable(joint_file) else None
+    if extends is None and previous_joint is not None:
+        extends = previous_joint.get("nnharmony", {}).get("extends")  # an extended collection stays extended
     base = base_joint = None
     if extends is not None:
         from nnharmony.data.collection import check_extends
@@ -139,20 +171,25 @@ def plan_and_preprocess_collection(
 
         base = CollectionSpec.load(collection_dir(extends) / COLLECTION_SPEC_FILE)
         base_joint = load_json(joint_plans_path(extends, joint_plans_identifier(plans_identifier)))
-    if user_spec is not None:
-        spec = user_spec
-    elif existing is not None and not clean:
-        spec = existing  # keep the user's edits of an existing spec
-    else:
-        spec = build_collection_spec(name, ids, raw_root=raw_dir(), base=base, **dict(spec_options or {}))
-    spec.validate(str(existing_spec_file))
+    options = build_options(spec_options)
+    spec = user_spec if user_spec is not None else existing if not clean else None
+    if spec is None or options:
+        fresh = build_collection_spec(name, ids, raw_root=raw_dir(), base=base, **options)
+        if spec is None:
+            spec = fresh
+        else:  # options given on the command line win over the kept spec, for the fields they control
+            for line in apply_spec_options(spec, options, fresh, str(spec_file or existing_spec_file)):
+                print(line)
+    spec.validate(str(spec_file or existing_spec_file))
     if base is not None:
         check_extends(spec, base)
-    joint = build_joint_plans(spec, configurations, find_planner_class(planner_name), plans_identifier,
+    # configurations planned before stay in the joint plan (re-planned from the members' current plans)
+    joint_configurations = list(dict.fromkeys([*configurations, *(previous_joint or {}).get("configurations", {})]))
+    joint = build_joint_plans(spec, joint_configurations, find_planner_class(planner_name), plans_identifier,
                               gpu_memory_target_in_gb)
     if base_joint is not None:
         # a model of the base collection must fit: same topology, patch and batch as the base's joint plan
-        for c in configurations:
+        for c in joint_configurations:
             if c not in base_joint["configurations"]:
                 raise CollectionError(f"collection {extends} has no '{c}' configuration to extend")
             joint["configurations"][c] = base_joint["configurations"][c]
@@ -162,5 +199,5 @@ def plan_and_preprocess_collection(
     target.mkdir(parents=True, exist_ok=True)
     save_json_atomic(spec.dataset_json(), target / "dataset.json")
     spec.save(existing_spec_file)
-    save_json_atomic(joint, target / f"{joint_plans_identifier(plans_identifier)}.json")
+    save_json_atomic(joint, joint_file)
     return spec, joint
