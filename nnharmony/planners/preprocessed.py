@@ -84,7 +84,7 @@ def case_problem(folder: Path, case: str, fmt: str, sizes: Mapping[str, int] | N
     """What is wrong with one case's files (``FILE: problem``), or None. ``sizes``: the completion record's
     sizes of the case's files (a stat suffices); None reads every file in full."""
     for f in case_files(folder, case, fmt):
-        rel = f"{folder.name}/{f.name}"
+        rel = f"{folder.parent.name}/{folder.name}/{f.name}"
         if not f.is_file():
             return f"{rel}: missing"
         if sizes is not None:

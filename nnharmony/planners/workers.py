@@ -5,10 +5,13 @@ workers running: they drain the tasks already queued and keep writing preprocess
 the next run is repairing. Every worker therefore runs :func:`die_with_parent` first: on Linux the kernel
 sends it SIGKILL when its parent dies (``prctl(PR_SET_PDEATHSIG)``); elsewhere a watchdog thread polls the
 parent pid. nnU-Net's fingerprint extractor builds its own ``multiprocessing`` pool; :func:`nnunet_pools_die_with_parent`
-gives that pool the same initializer.
+gives that pool the same initializer (:func:`nnunet_processes_bounded`).
 
 One worker means no worker process at all: the work runs in this process (``-np 1`` is one process, and a
-tiny dataset does not wait seconds for a spawn worker to import torch).
+tiny dataset does not wait seconds for a spawn worker to import torch). nnU-Net also lists a raw dataset's
+files with a pool of 12 forked processes (``nnunetv2.utilities.utils.create_lists_from_splitted_dataset_folder``,
+called by the fingerprint extractor, the planner and the preprocessing); that name matching runs in this
+process too.
 """
 from __future__ import annotations
 
@@ -85,6 +88,9 @@ class _InProcessPool:
 
     _pool: list = []
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        pass
+
     def __enter__(self) -> "_InProcessPool":
         return self
 
@@ -128,19 +134,25 @@ class _Multiprocessing:
         return getattr(self._module, name)
 
 
-_SWAP_LOCK = threading.Lock()
+_SWAP_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
-def nnunet_pools_die_with_parent(*modules: ModuleType) -> Iterator[None]:
-    """Within the block, the pools that ``modules`` create through their module-level ``multiprocessing``
-    stop with this process. (Should nnU-Net stop creating pools that way, the swap has no effect.)"""
+def nnunet_processes_bounded() -> Iterator[None]:
+    """Within the block, nnU-Net's fingerprint pool stops with this process (and runs here for one worker), and
+    its file listing starts no processes. (Should nnU-Net stop creating pools through these module names, the
+    swap has no effect.)"""
+    from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor
+    from nnunetv2.utilities import utils
+
     with _SWAP_LOCK:
-        originals = [(m, m.multiprocessing) for m in modules if hasattr(m, "multiprocessing")]
-        for m, _ in originals:
-            m.multiprocessing = _Multiprocessing()
+        swaps = [(fingerprint_extractor, "multiprocessing", _Multiprocessing()), (utils, "Pool", _InProcessPool)]
+        originals = [(m, name, getattr(m, name)) for m, name, _ in swaps if hasattr(m, name)]
+        for m, name, new in swaps:
+            if hasattr(m, name):
+                setattr(m, name, new)
         try:
             yield
         finally:
-            for m, original in originals:
-                m.multiprocessing = original
+            for m, name, original in reversed(originals):
+                setattr(m, name, original)
