@@ -17,11 +17,15 @@ examples:
   nnharmony_convert folder -i t1/t1w.nii.gz -l t1/t1w_seg-manual.nii.gz -d 960 -n SpinalCordT1 -m T1 \\
         --labels spinal_cord=1 --case-ids sub01
   nnharmony_convert nnunet -i /data/msd_hippocampus_mri -d 904 -n Hippocampus -m T1
+  nnharmony_convert folder -i cmr/images -l cmr/labels -d 921 -n CardiacBSSFP -m bSSFP --labels-json cmr/labels.json
+  nnharmony_convert nnunet -i /data/btcv_ct_slices -d 931 -n BTCVSlices --group-pattern '^btcv_(\\d+)_'
   nnharmony_convert split-sites -d 904 --csv sites.csv --first-id 910
   nnharmony_convert check -d 904
 
 Label values become consecutive 1..N in nnU-Net; the mapping from the source values is recorded in the
-dataset.json under "nnharmony_conversion". Output is written to a hidden staging folder and renamed into place
+dataset.json under "nnharmony_conversion". 2D PNG datasets (nnU-Net's natural-image format) import like any
+other and are planned with -c 2d; --group-pattern keeps grouped cases (slices of one patient) on one side of
+every cross-validation fold. Output is written to a hidden staging folder and renamed into place
 only after validation, so a failed conversion leaves nothing behind.
 """
 
@@ -36,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="{msd,folder,nnunet,split-sites,check}")
+
+    def group_pattern(sp):
+        sp.add_argument("--group-pattern", default=None, metavar="REGEX",
+                        help="cases that must stay on one side of every cross-validation fold (e.g. slices of one "
+                             "patient): a regex matched at the start of each case id whose group (?P<group>...), or "
+                             "first group, names the group, e.g. '^btcv_(\\d+)_'; written to dataset.json as "
+                             "case_groups")
 
     def common(sp):
         sp.add_argument("-o", "--output", type=Path, default=None, help="raw folder (default: $nnUNet_raw)")
@@ -88,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-pattern", default=DEFAULT_IMAGE_PATTERN, help="regex for image files in a folder")
     s.add_argument("--label-pattern", default=DEFAULT_LABEL_PATTERN, help="regex for label files in a folder")
     s.add_argument("--case-ids", nargs="+", default=None, help="case names for file lists (default: file names)")
+    group_pattern(s)
     common(s)
 
     s = sub.add_parser(
@@ -104,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-test", action="store_true", help="do not bring imagesTs over")
     s.add_argument("-m", "--modalities", nargs="+", default=None,
                    help="rename the channels (e.g. -m T1 for a channel called 'MRI')")
+    group_pattern(s)
     common(s)
 
     s = sub.add_parser(
@@ -155,12 +168,12 @@ def main(argv: list[str] | None = None) -> int:
                 _one(args.images), _one(args.label_files), args.dataset_id, args.name, modalities=args.modalities,
                 label_names=labels, keep=args.keep, undeclared=args.undeclared, image_pattern=args.image_pattern,
                 label_pattern=args.label_pattern, case_ids=args.case_ids, raw_root=args.output,
-                overwrite=args.overwrite, num_processes=args.num_processes)]
+                overwrite=args.overwrite, num_processes=args.num_processes, case_groups=args.group_pattern)]
         elif args.command == "nnunet":
             out = [cv.import_nnunet_dataset(args.input, args.dataset_id, args.name, raw_root=args.output,
                                             link_mode=args.link, overwrite=args.overwrite,
                                             include_test=not args.no_test, num_processes=args.num_processes,
-                                            modalities=args.modalities)]
+                                            modalities=args.modalities, case_groups=args.group_pattern)]
         elif args.command == "split-sites":
             out = cv.split_by_site(args.dataset, args.csv, args.first_id, raw_root=args.output,
                                    name_template=args.name_template, case_column=args.case_column,
@@ -172,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                 validate_raw_dataset(d, check_images=not args.headers_only, num_processes=args.num_processes,
                                      raw_root=args.output)
                 print(f"{d}: OK")
+                _print_notes(d, args.output)
             if len(args.dataset) > 1:
                 validate_members_compatible(args.dataset, raw_root=args.output)
             return 0
@@ -180,7 +194,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for o in out:
         print(o)
+        _print_notes(o, None)
     return 0
+
+
+def _print_notes(dataset, raw_root: Path | None) -> None:
+    """What is fine but worth knowing (a 2D dataset, 2D images of different sizes), one ``note:`` line each."""
+    from nnharmony.dataset_conversion.validation import dataset_notes
+
+    for n in dataset_notes(dataset, raw_root):
+        print(f"note: {n}")
 
 
 if __name__ == "__main__":

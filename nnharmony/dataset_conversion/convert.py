@@ -67,6 +67,7 @@ from nnharmony.dataset_conversion.validation import (
     _nifti_nonfinite,
     check_channel_names,
     check_image_array,
+    components_problem,
     geometry_mismatch,
     list_cases,
     resolve_dataset_folder,
@@ -392,13 +393,12 @@ class _SourceCase:
     label: Path | None  # None for test images
 
 
-def _channel_geometry(path: Path) -> tuple[Geometry, int]:
-    """Geometry of one channel and the number of channels in the file (>1 for 4D images)."""
+def _channel_geometry(path: Path, channel_name: str | None) -> tuple[Geometry, int]:
+    """Geometry of one channel and the number of channels in the file (>1 for 4D images).
+    ``channel_name``: the modality declared for the file, None for a label map (for the message)."""
     g = Geometry.of_file(path)
     if g.components != 1:
-        raise CollectionError(
-            f"{path}: {g.components} components per voxel (vector/RGB image); store channels as separate files"
-        )
+        raise CollectionError(f"{path}: {components_problem(g.components, channel_name)}")
     if g.dimension == 4:
         d = np.array(g.direction).reshape(4, 4)[:3, :3].ravel()
         return Geometry(3, g.size[:3], g.spacing[:3], g.origin[:3], tuple(d)), g.size[3]
@@ -447,9 +447,10 @@ def _check_source_case(c: _SourceCase, num_channels: int, modalities: Sequence[s
     broken = [f"{f}: {why}" for f in [*c.images, c.label] if f is not None and (why := image_file_problem(f))]
     if broken:  # truncated/corrupt: SimpleITK would read zeros for the missing part
         return broken, None, None
-    for f in c.images:
+    for i, f in enumerate(c.images):
         try:
-            g, n = _channel_geometry(f)
+            g, n = _channel_geometry(f, modalities[i] if i < len(modalities) and len(c.images) > 1
+                                     else ", ".join(modalities))
         except CollectionError as e:
             return [str(e)], None, None
         except RuntimeError as e:
@@ -470,7 +471,7 @@ def _check_source_case(c: _SourceCase, num_channels: int, modalities: Sequence[s
     values = None
     if c.label is not None:
         try:
-            lg, ln = _channel_geometry(c.label)
+            lg, ln = _channel_geometry(c.label, None)
         except CollectionError as e:
             return probs + [str(e)], None, None
         except RuntimeError as e:
@@ -767,6 +768,7 @@ def convert_plain_folder(
     num_processes: int | None = None,
     description: str | None = None,
     license: str | None = None,
+    case_groups: str | Mapping[str, str] | None = None,
 ) -> Path:
     """Convert images + label maps in any SimpleITK format into ``DatasetXXX_Name``.
 
@@ -778,7 +780,9 @@ def convert_plain_folder(
     ``modalities``: modality name per channel (default: from the label JSON's ``modality``).
     ``label_names``: name -> source value(s), or a JSON file (see ``load_label_spec``).
     ``keep``: ``present`` (labels with voxels only) or ``declared``; ``case_ids``: names for list inputs
-    (default: the image file names without extension and channel suffix)."""
+    (default: the image file names without extension and channel suffix).
+    ``case_groups``: cases that must share a side of every fold (slices of one patient), written to dataset.json
+    as ``case_groups``: a regex over the output case ids or a dict case -> group (:mod:`nnharmony.data.splits`)."""
     if label_names is None:
         raise CollectionError(f"Dataset{dataset_id}_{name}: label names are required (name=value pairs or a JSON)")
     label_spec, json_modalities = load_label_spec(label_names)
@@ -797,7 +801,7 @@ def convert_plain_folder(
                   "case_sources": {c.case: {"images": [str(p) for p in c.images], "label": str(c.label)}
                                    for c in cases} if len(cases) <= 50 else None}
         _write_dataset_json(staging, modalities, plan.labels_json(), len(cases), OUT_FILE_ENDING, name, record,
-                            description=description, license=license)
+                            description=description, license=license, case_groups=case_groups)
         return st.commit()[0]
 
 
@@ -923,8 +927,12 @@ def import_nnunet_dataset(
     include_test: bool = True,
     num_processes: int | None = None,
     modalities: Sequence[str] | None = None,
+    case_groups: str | Mapping[str, str] | None = None,
 ) -> Path:
     """Copy (or link) an nnU-Net raw dataset under a new id, checking it and casting labels to integers.
+
+    ``case_groups`` (regex or dict, see :mod:`nnharmony.data.splits`) is written to dataset.json, replacing the
+    source's own ``case_groups`` if it has one.
 
     ``modalities`` renames the channels (e.g. ``["T1"]`` for a dataset whose channel is called "MRI"), so that
     the same contrast gets the same modality slot in collections; the old names are recorded.
@@ -996,6 +1004,8 @@ def import_nnunet_dataset(
         out.pop("modality", None)
         out["numTraining"] = len(cases)
         out["name"] = name
+        if case_groups is not None:
+            out["case_groups"] = case_groups
         if plan is not None:
             out["labels"] = plan.labels_json()
         out["nnharmony_conversion"] = {

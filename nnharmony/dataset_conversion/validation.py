@@ -27,8 +27,13 @@ Header checks read only the image headers (``sitk.ImageFileReader.ReadImageInfor
 the arrays, in a spawn process pool for larger datasets (SimpleITK readers crash when used from several
 threads at once: a segfault seen on CI).
 
-``validate_members_compatible`` checks that datasets meant for one collection have the same dimensionality
-(reusing a collection name with different members is refused by the planner).
+- ``case_groups`` in dataset.json (cases that must stay on one side of every fold, see
+  :mod:`nnharmony.data.splits`) gives a group to every case.
+
+``validate_members_compatible`` checks that datasets meant for one collection can be planned together: 2D
+datasets only have nnU-Net's ``2d`` configuration, so a collection mixing 2D and 3D members is planned with
+``-c 2d`` only (reusing a collection name with different members is refused by the planner).
+``dataset_notes`` says what is worth knowing but fine (a 2D dataset, 2D images of different sizes).
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnharmony.data.collection import CollectionError
+from nnharmony.data.splits import case_groups
 from nnharmony.dataset_conversion.image_integrity import image_file_problem
 
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
@@ -340,6 +346,20 @@ def check_label_array(arr: np.ndarray, declared: Iterable[int], path: str | os.P
     return None
 
 
+def components_problem(components: int, channel_name: str | None) -> str:
+    """Why an image with several components per pixel (RGB/RGBA PNG, vector image) cannot be used.
+
+    ``channel_name``: the modality declared for this file, or None for a label map. nnU-Net's datasets hold one
+    grayscale channel per file (``CASE_0000``, ``CASE_0001``, ...), each named in ``channel_names``."""
+    kind = {2: "grayscale+alpha", 3: "RGB", 4: "RGBA"}.get(components, "vector")
+    if channel_name is None:
+        return (f"{components} components per voxel ({kind} image); a label map must be a single-channel image of "
+                f"integer label values")
+    return (f"{components} components per voxel ({kind} image) where one grayscale channel ({channel_name!r}) is "
+            f"declared; convert it to grayscale (e.g. PIL Image.convert('L')) or store each colour as its own "
+            f"channel file (_0000, _0001, ...) named in channel_names")
+
+
 def check_image_array(arr: np.ndarray, path: str | os.PathLike | None = None) -> str | None:
     """Why an image array is unusable (NaN/Inf, pixel type), None when fine.
 
@@ -379,11 +399,12 @@ def _rel(folder: Path, p: Path) -> str:
         return str(p)
 
 
-def _check_case(folder: Path, case: str, files: Mapping[str, Any], declared: list[int], check_images: bool):
+def _check_case(folder: Path, case: str, files: Mapping[str, Any], declared: list[int], check_images: bool,
+                channel_names: Sequence[str] = ()):
     """(list of problems, effective dimension or None)."""
     problems: list[str] = []
     geoms: list[Geometry] = []
-    for img in files["images"] + [files["label"]]:
+    for i, img in enumerate(files["images"] + [files["label"]]):
         is_label = img == files["label"]
         if check_images:
             why = image_file_problem(img)
@@ -406,9 +427,8 @@ def _check_case(folder: Path, case: str, files: Mapping[str, Any], declared: lis
             problems.append(f"{_rel(folder, img)}: cannot be read by SimpleITK ({first})")
             return problems, None
         if g.components != 1:
-            problems.append(
-                f"{_rel(folder, img)}: {g.components} components per voxel (vector/RGB); store channels as separate files"
-            )
+            channel = None if is_label else (channel_names[i] if i < len(channel_names) else f"channel {i}")
+            problems.append(f"{_rel(folder, img)}: {components_problem(g.components, channel)}")
         geoms.append(g)
     if len(geoms) == len(files["images"]) + 1:
         ref = geoms[0]
@@ -443,8 +463,13 @@ def validate_raw_dataset(
     cases = list_cases(folder, dj, name)
     if num_processes is None:
         num_processes = max(1, min(4, os.cpu_count() or 1))
+    try:
+        case_groups(dj, cases, f"dataset {name}: dataset.json")
+    except ValueError as e:
+        raise CollectionError(str(e)) from None
+    channel_names = check_channel_names(dj.get("channel_names", dj.get("modality")), name)
     items = sorted(cases.items())
-    args = [(folder, case, files, declared, check_images) for case, files in items]
+    args = [(folder, case, files, declared, check_images, channel_names) for case, files in items]
     # Header reads take about a millisecond each; a process pool only pays off when voxel data of many cases is read.
     if num_processes > 1 and check_images and len(items) > PARALLEL_MIN_CASES:
         with ProcessPoolExecutor(num_processes, mp_context=multiprocessing.get_context("spawn")) as ex:
@@ -474,18 +499,46 @@ def dataset_dimensionality(dataset: int | str | os.PathLike, raw_root: Path | No
     return Geometry.of_file(first).effective_dimension
 
 
-def validate_members_compatible(datasets: Sequence[int | str | os.PathLike], raw_root: Path | None = None) -> None:
-    """Datasets trained in one collection must share their dimensionality (all 2D or all 3D)."""
+def dataset_notes(dataset: int | str | os.PathLike, raw_root: Path | None = None) -> list[str]:
+    """One line per fact worth saying about a valid dataset that is not a problem (headers only): it is 2D
+    (``-c 2d``), and its 2D images differ in size (allowed: nnU-Net plans the patch from the median size and
+    pads smaller images; only a case's channels and label must share one grid)."""
+    folder = resolve_dataset_folder(dataset, raw_root)
+    dj = load_dataset_json(folder)
+    geoms = [Geometry.of_file(files["images"][0]) for files in list_cases(folder, dj).values()]
+    if not geoms or geoms[0].effective_dimension != 2:
+        return []
+    notes = [f"{folder.name}: 2D dataset ({len(geoms)} cases); plan it with -c 2d"]
+    widths, heights = sorted({g.size[0] for g in geoms}), sorted({g.size[1] for g in geoms})
+    if len(widths) > 1 or len(heights) > 1:
+        n_sizes = len({g.size[:2] for g in geoms})
+        notes.append(f"{folder.name}: 2D images of {n_sizes} different sizes (width {widths[0]}-{widths[-1]}, "
+                     f"height {heights[0]}-{heights[-1]} px): allowed, only a case's channels and label share one size")
+    return notes
+
+
+def validate_members_compatible(datasets: Sequence[int | str | os.PathLike], raw_root: Path | None = None,
+                                configurations: Sequence[str] | None = None) -> None:
+    """Members of one collection must be plannable together in every requested configuration.
+
+    2D datasets (PNG, single-slice images) only have nnU-Net's ``2d`` configuration. A collection mixing 2D and
+    3D members is therefore planned with ``-c 2d`` only (3D members train slice by slice, as in nnU-Net's ``2d``
+    configuration); ``configurations=None`` (no configuration known yet) requires one dimensionality."""
     dims: dict[int, list[str]] = {}
     for d in datasets:
         folder = resolve_dataset_folder(d, raw_root)
         dims.setdefault(dataset_dimensionality(folder), []).append(folder.name)
-    if len(dims) > 1:
+    not_2d = sorted(set(configurations or ()) - {"2d"})
+    if 2 in dims and (not_2d or (configurations is None and len(dims) > 1)):
         parts = "; ".join(f"{k}D: {', '.join(v)}" for k, v in sorted(dims.items()))
-        raise CollectionError(
-            f"members of different dimensionality cannot form one collection ({parts}); "
-            f"build separate collections or convert the 2D data to 3D"
-        )
+        if 3 in dims:
+            raise CollectionError(
+                f"members of different dimensionality ({parts}) can only be planned together with -c 2d "
+                f"(3D members then train slice by slice); for {'/'.join(not_2d) or '3D configurations'}, make a "
+                f"collection of the 3D members only"
+            )
+        raise CollectionError(f"2D datasets ({', '.join(dims[2])}) have no '{not_2d[0]}' configuration; plan them "
+                              f"with -c 2d")
 
 
 def validate_collection_inputs(
@@ -493,13 +546,15 @@ def validate_collection_inputs(
     raw_root: Path | None = None,
     check_images: bool = True,
     num_processes: int | None = None,
+    configurations: Sequence[str] | None = None,
 ) -> list[Path]:
-    """Validate every member and their compatibility before any planning; returns the member folders."""
+    """Validate every member and their compatibility (in ``configurations``, see
+    :func:`validate_members_compatible`) before any planning; returns the member folders."""
     folders = [resolve_dataset_folder(d, raw_root) for d in datasets]
     names = [f.name for f in folders]
     if len(set(names)) != len(names):
         raise CollectionError(f"a dataset is listed twice among the members: {names}")
     for f in folders:
         validate_raw_dataset(f, check_images=check_images, num_processes=num_processes)
-    validate_members_compatible(folders)
+    validate_members_compatible(folders, configurations=configurations)
     return folders
