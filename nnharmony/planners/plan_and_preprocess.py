@@ -20,7 +20,7 @@ from nnharmony.paths import (COLLECTION_SPEC_FILE, collection_dir, find_dataset_
 from nnharmony.planners.joint_planner import build_joint_plans, joint_plans_identifier, planner_threads
 from nnharmony.planners.preprocessed import preprocess_configuration, sync_gt_segmentations
 from nnharmony.planners.spec_options import apply_spec_options, build_options
-from nnharmony.planners.workers import nnunet_pools_die_with_parent
+from nnharmony.planners.workers import nnunet_processes_bounded
 from nnharmony.utils.find_class import find_planner_class
 from nnharmony.utils.io import load_json, save_json_atomic
 
@@ -50,11 +50,21 @@ class WorkerCounts:
 
 
 def _json_readable(path: Path) -> bool:
-    """nnU-Net writes fingerprints and plans in place: a run killed meanwhile leaves a file that does not parse."""
     try:
         load_json(path)
     except (FileNotFoundError, ValueError):
         return False
+    return True
+
+
+def _must_redo(path: Path, what: str) -> bool:
+    """Whether ``path`` (written by nnU-Net in place) must be written again: missing, or left unreadable by an
+    interrupted run (said in one line, and removed: nnU-Net's planner would merge the new plans into it)."""
+    if _json_readable(path):
+        return False
+    if path.exists():
+        print(f"{path}: unreadable (an interrupted run?); {what} again")
+        path.unlink()
     return True
 
 
@@ -73,10 +83,6 @@ def prepare_members(
     Finished steps are reused unless ``clean``; an interrupted step is detected and redone (fingerprint and
     plans that do not parse, incomplete preprocessed data or ``gt_segmentations``: see
     :mod:`nnharmony.planners.preprocessed`). Worker processes stop with this process."""
-    from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
-                                                                      plan_experiment_dataset)
-
     from nnharmony.dataset_conversion.validation import validate_members_compatible, validate_raw_dataset
 
     workers = WorkerCounts.resolve(configurations, num_processes, num_processes_fingerprint)
@@ -87,26 +93,35 @@ def prepare_members(
 
     planner_class = find_planner_class(planner_name)
     plans_identifier = None
-    for folder in tqdm(folders, desc="nnU-Net fingerprint/plan/preprocess", unit="dataset"):
-        did = int(folder.name[len("Dataset"):].split("_")[0])
-        pre = preprocessed_dir() / folder.name
-        if clean or not _json_readable(pre / "dataset_fingerprint.json"):
-            with nnunet_pools_die_with_parent(fingerprint_extractor):
-                extract_fingerprint_dataset(did, num_processes=workers.fingerprint, clean=True, verbose=verbose)
-        kwargs = {}
-        if gpu_memory_target_in_gb is not None:
-            kwargs["gpu_memory_target_in_gb"] = gpu_memory_target_in_gb
-        planner = planner_class(did, **kwargs)
-        plans_identifier = planner.plans_identifier
-        # an explicit memory target re-plans: nnU-Net's planner writes it into the same plans file
-        if clean or gpu_memory_target_in_gb is not None or not _json_readable(pre / f"{plans_identifier}.json"):
-            with planner_threads():
-                plan_experiment_dataset(did, planner_class, gpu_memory_target_in_gb)
-        for c in configurations:
-            preprocess_configuration(folder.name, plans_identifier, c, workers.preprocessing[c], verbose, redo=clean)
-        sync_gt_segmentations(folder.name)
-        ensure_member_splits(folder.name)  # grouped cases (case_groups): folds written before any trainer
+    with nnunet_processes_bounded():
+        for folder in tqdm(folders, desc="nnU-Net fingerprint/plan/preprocess", unit="dataset"):
+            plans_identifier = _prepare_member(folder, configurations, planner_class, gpu_memory_target_in_gb,
+                                               workers, clean, verbose)
     assert plans_identifier is not None
+    return plans_identifier
+
+
+def _prepare_member(folder: Path, configurations: Sequence[str], planner_class: type,
+                    gpu_memory_target_in_gb: float | None, workers: WorkerCounts, clean: bool, verbose: bool) -> str:
+    """Fingerprint, plans and preprocessed data of one member, each redone only when missing or incomplete."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
+                                                                      plan_experiment_dataset)
+
+    did = int(folder.name[len("Dataset"):].split("_")[0])
+    pre = preprocessed_dir() / folder.name
+    if clean or _must_redo(pre / "dataset_fingerprint.json", "extracting the fingerprint"):
+        extract_fingerprint_dataset(did, num_processes=workers.fingerprint, clean=True, verbose=verbose)
+    kwargs = {} if gpu_memory_target_in_gb is None else {"gpu_memory_target_in_gb": gpu_memory_target_in_gb}
+    plans_identifier = planner_class(did, **kwargs).plans_identifier
+    # an explicit memory target re-plans: nnU-Net's planner writes it into the same plans file
+    if (clean or gpu_memory_target_in_gb is not None or _must_redo(pre / f"{plans_identifier}.json", "planning")
+            or _must_redo(pre / "dataset.json", "planning")):  # the planner copies dataset.json there
+        with planner_threads():
+            plan_experiment_dataset(did, planner_class, gpu_memory_target_in_gb)
+    for c in configurations:
+        preprocess_configuration(folder.name, plans_identifier, c, workers.preprocessing[c], verbose, redo=clean)
+    sync_gt_segmentations(folder.name)
+    ensure_member_splits(folder.name)  # grouped cases (case_groups): folds written before any trainer
     return plans_identifier
 
 
@@ -175,20 +190,23 @@ def plan_and_preprocess_collection(
         base_joint = load_json(joint_plans_path(extends, joint_plans_identifier(plans_identifier)))
     options = build_options(spec_options)
     spec = user_spec if user_spec is not None else existing if not clean else None
-    if spec is None or options:
-        fresh = build_collection_spec(name, ids, raw_root=raw_dir(), base=base, **options)
-        if spec is None:
-            spec = fresh
-        else:  # options given on the command line win over the kept spec, for the fields they control
-            for line in apply_spec_options(spec, options, fresh, str(spec_file or existing_spec_file)):
-                print(line)
+    changes: list[str] = []
+    if spec is None:
+        spec = build_collection_spec(name, ids, raw_root=raw_dir(), base=base, **options)
+    elif options:  # options given on the command line win over the kept spec, for the fields they control
+        # what a fresh plan would map channels and labels to (sampling is checked on the kept spec, with its weights)
+        fresh = build_collection_spec(name, ids, raw_root=raw_dir(), base=base,
+                                      **{k: v for k, v in options.items() if k != "sampling"})
+        changes = apply_spec_options(spec, options, fresh, str(spec_file or existing_spec_file))
     spec.validate(str(spec_file or existing_spec_file))
+    print("\n".join(changes), end="\n" if changes else "")
     if base is not None:
         check_extends(spec, base)
     # configurations planned before stay in the joint plan (re-planned from the members' current plans)
     joint_configurations = list(dict.fromkeys([*configurations, *(previous_joint or {}).get("configurations", {})]))
-    joint = build_joint_plans(spec, joint_configurations, find_planner_class(planner_name), plans_identifier,
-                              gpu_memory_target_in_gb)
+    with nnunet_processes_bounded():
+        joint = build_joint_plans(spec, joint_configurations, find_planner_class(planner_name), plans_identifier,
+                                  gpu_memory_target_in_gb)
     if base_joint is not None:
         # a model of the base collection must fit: same topology, patch and batch as the base's joint plan
         for c in joint_configurations:
