@@ -108,6 +108,7 @@ def main(argv=None) -> None:
     from nnharmony.dataset_conversion.synthetic import make_synthetic_collection
     from nnharmony.inference import support as sup
     from nnharmony.planners.plan_and_preprocess import plan_and_preprocess_collection
+    from nnharmony.utils.safe_load import read_weights_file
 
     t0 = time.perf_counter()
     folders = make_synthetic_collection(work / "raw", first_id=901, num_cases=args.num_cases, shape=args.shape,
@@ -150,7 +151,7 @@ def main(argv=None) -> None:
     model_dir = work / "results" / COLLECTION / f"UniverSegTrainer__nnHarmonyPlans__{args.configuration}"
     networks, cfg = sup.load_universeg_models(model_dir, ["0"], "checkpoint_final.pth", device)
     dim, size = int(cfg["dim"]), tuple(cfg["image_size"])
-    ckpt = torch.load(model_dir / "fold_0" / "checkpoint_final.pth", weights_only=True, map_location="cpu")
+    ckpt = read_weights_file(model_dir / "fold_0" / "checkpoint_final.pth")
     useg_epochs = ckpt["current_epoch"]
 
     results: dict = {}
@@ -182,8 +183,8 @@ def main(argv=None) -> None:
         per_label[t.label] = [dice(np.isin(sup.read_image(sup_out / f"{c}{fe}")[0], t.values), np.isin(y, t.values))
                               for c, _, y, _ in queries]
     supervised = (mean_dice(per_label), {k: float(np.nanmean(v)) for k, v in per_label.items()})
-    sup_ckpt = torch.load(work / "results" / SUPERVISED / f"nnHarmonyTrainer__nnHarmonyPlans__{args.configuration}"
-                          / "fold_0" / "checkpoint_final.pth", weights_only=True, map_location="cpu")
+    sup_ckpt = read_weights_file(work / "results" / SUPERVISED / f"nnHarmonyTrainer__nnHarmonyPlans__{args.configuration}"
+                                 / "fold_0" / "checkpoint_final.pth")
 
     # ---- table
     labels = [t.label for t in member.tasks]

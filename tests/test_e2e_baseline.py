@@ -139,6 +139,9 @@ def test_checkpoint_of_other_trainer_is_refused(baseline_model, synthetic_collec
 
     with pytest.raises(ValueError, match="checkpoint of collection 'Collection900_Synth'"):
         load_checkpoint_file(ckpt, expected_collection=CollectionSpec.from_dict(other))
-    torch.save({"x": np.float64(1.0)}, tmp_path / "pickled.pth")  # needs numpy globals: refused by weights_only
-    with pytest.raises(ValueError, match="not a loadable nnharmony checkpoint"):
+    torch.save({"x": np.zeros(2)}, tmp_path / "pickled.pth")  # needs numpy's array global: refused by weights_only
+    with pytest.raises(ValueError, match="not a loadable nnharmony checkpoint.*global numpy"):
         load_checkpoint_file(tmp_path / "pickled.pth")
+    torch.save({"x": np.float64(1.0)}, tmp_path / "scalar.pth")  # numpy scalars (nnU-Net's logs) are allowed
+    with pytest.raises(ValueError, match="not an nnharmony checkpoint"):
+        load_checkpoint_file(tmp_path / "scalar.pth")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from nnharmony.utils.io import save_torch_atomic
+from nnharmony.utils.safe_load import read_weights_file
 
 
 def to_plain(obj: Any) -> Any:
@@ -57,14 +58,10 @@ def save_trainer_checkpoint(trainer, filename: str) -> None:
 
 def load_checkpoint_file(path: str | os.PathLike, expected_trainer: str | None = None, expected_collection=None,
                          map_location: str | torch.device = "cpu") -> dict:
-    """Load with ``weights_only=True``; refuse a checkpoint of another trainer or collection."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # a foreign pickle, a truncated file, a plain nnU-Net checkpoint with numpy objects
-        raise ValueError(f"{path}: not a loadable nnharmony checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
-    info = checkpoint.get("nnharmony")
+    """Read safely (:func:`~nnharmony.utils.safe_load.read_weights_file`); refuse a checkpoint of another trainer
+    or collection."""
+    checkpoint = read_weights_file(path, "nnharmony checkpoint", map_location=map_location)
+    info = checkpoint.get("nnharmony") if isinstance(checkpoint, dict) else None
     if info is None:
         raise ValueError(f"{path}: not an nnharmony checkpoint (no collection record)")
     if expected_trainer is not None and checkpoint.get("trainer_name") != expected_trainer:

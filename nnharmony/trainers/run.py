@@ -75,10 +75,45 @@ def _apply_options(trainer, opts: TrainingOptions) -> None:
         setattr(trainer, k, v)
 
 
-def _maybe_load(trainer, opts: TrainingOptions) -> None:
-    from nnunetv2.run.run_training import maybe_load_checkpoint
+#: keys not taken from ``-pretrained_weights``: the output layers, whose classes differ between tasks (as nnU-Net)
+PRETRAINED_SKIP = (".seg_layers.",)
 
-    maybe_load_checkpoint(trainer, opts.continue_training, opts.validation_only, opts.pretrained_weights)
+
+def _maybe_load(trainer, opts: TrainingOptions) -> None:
+    """nnU-Net's ``maybe_load_checkpoint`` (``--c``, ``--val``, ``-pretrained_weights``) for every paradigm, with
+    every file read by :func:`nnharmony.utils.safe_load.read_weights_file` -- nnU-Net's own loaders unpickle
+    with ``weights_only=False``, which runs code from the file."""
+    from nnharmony.utils.safe_load import load_weights_into, read_weights_file
+
+    if opts.continue_training and opts.pretrained_weights is not None:
+        raise ValueError("--c (continue training) and -pretrained_weights exclude each other: a continued training "
+                         "takes its weights from its own checkpoint")
+    folder = trainer.output_folder
+    checkpoint_file = None
+    if opts.continue_training:
+        names = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+        checkpoint_file = next((os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))),
+                               None)
+        if checkpoint_file is None:
+            print(f"WARNING: --c: no checkpoint in {folder} to continue from; starting a new training")
+    elif opts.validation_only:
+        checkpoint_file = os.path.join(folder, "checkpoint_final.pth")
+        if not os.path.isfile(checkpoint_file):
+            raise FileNotFoundError(f"{checkpoint_file}: --val needs the final checkpoint of a finished training")
+    elif opts.pretrained_weights is not None:
+        if not trainer.was_initialized:
+            trainer.initialize()
+        keys = load_weights_into(trainer.network, opts.pretrained_weights, "pretrained weights file",
+                                 skip=PRETRAINED_SKIP)
+        print(f"pretrained weights: {len(keys)} tensors loaded from {opts.pretrained_weights} (output layers "
+              f"{', '.join(PRETRAINED_SKIP)} not transferred)")
+    if checkpoint_file is not None:
+        from nnharmony.trainers.nnharmony_trainer import nnHarmonyTrainer
+
+        if isinstance(trainer, nnHarmonyTrainer):  # reads safely and checks the file's collection and trainer
+            trainer.load_checkpoint(checkpoint_file)
+        else:  # plain nnU-Net trainer (per-dataset paradigm): its own loader would unpickle the path unsafely
+            trainer.load_checkpoint(read_weights_file(checkpoint_file, "checkpoint", map_location=trainer.device))
 
 
 def _run_one(trainer, opts: TrainingOptions) -> None:
