@@ -11,9 +11,10 @@ module with ``-np 1``), damages or changes it, and runs one command line of ``nn
   keeps its file names (only the ``changed`` files may have another size);
 * a refused row expects ``error: ...`` naming the file and the problem, status 2, and an unchanged listing.
 
-All rows fail on the code before this file was added (a rerun returned 0 without repairing, options were
-ignored, ``-np 1`` started 4 fingerprint and 12 listing processes). The kill-the-parent test is slow and marked so;
-its cheap counterpart checks the worker pools' parent-death mechanism directly.
+Every row but "re-plan with the stored options" (which documents that an unchanged command changes nothing)
+fails on the code before this file was added: a rerun returned 0 without repairing, options were ignored,
+``-np 1`` started 4 fingerprint workers and nnU-Net's 12 forked file listers. The kill-the-parent test is slow and
+marked so; its cheap counterpart kills a process holding both kinds of planning pool.
 """
 from __future__ import annotations
 

@@ -1,8 +1,12 @@
 """``nnharmony_plan_and_preprocess``: nnU-Net's fingerprint, planning and preprocessing for every member,
 then the collection spec and the joint plan.
 
-Members are validated before any work; finished steps are skipped unless ``clean``; the spec and the
-joint plan are written atomically, so an interrupted run leaves the previous files intact.
+Members are validated before any work; finished steps are skipped unless ``clean``, and a step an interrupted
+run left unfinished is redone (unreadable fingerprint or plans, incomplete preprocessed data or
+``gt_segmentations``: :mod:`nnharmony.planners.preprocessed`); worker processes stop with this process
+(:mod:`nnharmony.planners.workers`). Re-planning keeps an existing spec but applies the spec options given
+(:mod:`nnharmony.planners.spec_options`). The spec and the joint plan are written atomically, so an
+interrupted run leaves the previous files intact.
 """
 from __future__ import annotations
 

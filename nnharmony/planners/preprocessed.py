@@ -158,7 +158,7 @@ def check_preprocessed(folder: Path, record_file: Path, digest: str, raw_cases: 
     for case in raw_cases:
         problem = case_problem(folder, case, fmt, recorded.get(case) if record is not None else None)
         if record is not None and case not in recorded:
-            problem = problem or f"{folder.name}/{case}: not in {record_file.name}"
+            problem = problem or f"{folder.parent.name}/{folder.name}/{case}: not in {record_file.name}"
         if problem is not None:
             state.problems[case] = problem
     state.stale = sorted(present_cases(folder, fmt) - set(raw_cases))
@@ -228,8 +228,12 @@ def _run_cases(fn: Any, jobs: list[tuple], num_processes: int, desc: str) -> Non
         return
     with process_pool(min(num_processes, len(jobs))) as pool:
         futures = [pool.submit(fn, *job) for job in jobs]
-        for fut in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="case"):
-            fut.result()
+        try:
+            for fut in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="case"):
+                fut.result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # a failed case stops the run; queued ones are not started
+            raise
 
 
 def sync_gt_segmentations(dataset_name: str) -> list[str]:

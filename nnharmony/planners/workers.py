@@ -25,7 +25,6 @@ import sys
 import threading
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor
-from types import ModuleType
 from typing import Any, Callable, Iterator, Sequence
 
 _PR_SET_PDEATHSIG = 1
@@ -33,7 +32,8 @@ _WATCHDOG_INTERVAL_S = 0.5
 
 
 def die_with_parent(parent_pid: int) -> None:
-    """Pool initializer: end this worker as soon as ``parent_pid`` is gone (also if it already is)."""
+    """Pool initializer: end this worker as soon as ``parent_pid`` is gone (also if it already is). Linux sends
+    the signal when the *thread* that started the worker ends: the pools here live inside one call."""
     if not _set_parent_death_signal():
         threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="die-with-parent").start()
     if os.getppid() != parent_pid:  # the parent died before the death signal was armed
@@ -84,7 +84,8 @@ class _Done:
 
 
 class _InProcessPool:
-    """``Pool(1)`` as nnU-Net's fingerprint extractor uses it (``starmap_async``, ``_pool``), run in this process."""
+    """A ``multiprocessing.Pool`` as nnU-Net's fingerprint extractor (``starmap_async``, ``_pool``) and file
+    listing (``starmap``) use it, run in this process."""
 
     _pool: list = []
 
@@ -124,14 +125,11 @@ class _Context:
 class _Multiprocessing:
     """Stands in for the ``multiprocessing`` module inside an nnU-Net module (see the module docstring)."""
 
-    def __init__(self) -> None:
-        self._module = multiprocessing
-
     def get_context(self, method: str | None = None) -> _Context:
         return _Context(multiprocessing.get_context(method))
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._module, name)
+        return getattr(multiprocessing, name)
 
 
 _SWAP_LOCK = threading.RLock()
