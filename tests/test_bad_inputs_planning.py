@@ -275,6 +275,10 @@ CATALOGUE = [
     # item 8: worker counts
     Row("-np 1 --clean: validation, fingerprint, planning, preprocessing in at most one worker process", d_none,
         [*PLAN, "--clean"], None, max_workers=1),
+    Row("-np 0 refused before any work", d_fingerprint_truncated, [*PLAN[:-1], "0"],
+        ("error: -np/-npfp: worker counts must be at least 1, got [0]",), refused=True),
+    Row("-npfp 0 refused before any work", d_fingerprint_truncated, [*PLAN, "-npfp", "0"],
+        ("error: -np/-npfp: worker counts must be at least 1, got [1, 0]",), refused=True),
 ]
 
 

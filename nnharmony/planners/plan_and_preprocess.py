@@ -48,7 +48,7 @@ class WorkerCounts:
         per_config = {c: int(given.get(c, DEFAULT_NUM_PROCESSES.get(c, 2))) for c in configurations}
         counts = [*per_config.values(), *([fingerprint] if fingerprint is not None else [])]
         if any(n < 1 for n in counts):
-            raise ValueError(f"worker counts must be at least 1, got {counts}")
+            raise ValueError(f"-np/-npfp: worker counts must be at least 1, got {counts}")
         fp = int(fingerprint) if fingerprint is not None else max(per_config.values(), default=1)
         return cls(fp, per_config)
 
