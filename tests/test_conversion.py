@@ -713,3 +713,64 @@ def test_process_pool_path_matches_sequential(raw, tmp_path, monkeypatch):
     with pytest.raises(CollectionError, match=r"labels/case2.nrrd: label value\(s\) \[8\] not declared"):
         convert_plain_folder(images, labels, 42, "PoolBad", modalities=["CT"],
                              label_names={"organ": 3, "tumor": 7}, num_processes=2)
+
+
+# ---------------------------------------------------------------------------------------------- grouped splits
+def test_case_groups_forms():
+    from nnharmony.data.splits import case_groups
+
+    ids = ["btcv_1_010", "btcv_1_014", "btcv_12_030"]
+    assert case_groups({"case_groups": r"^btcv_(?P<group>\d+)_"}, ids) == {
+        "btcv_1_010": "1", "btcv_1_014": "1", "btcv_12_030": "12"}
+    assert case_groups({"case_groups": r"^btcv_(\d+)_"}, ids)["btcv_12_030"] == "12"  # first group
+    assert case_groups({"case_groups": r"^btcv_\d+"}, ids)["btcv_1_014"] == "btcv_1"  # whole match
+    assert case_groups({"case_groups": {c: "p" for c in ids}}, ids) == {c: "p" for c in ids}
+    assert case_groups({}, ids) is None
+    with pytest.raises(ValueError, match=r"D/dataset.json: 'case_groups' gives no group to 1 case\(s\)"):
+        case_groups({"case_groups": r"^btcv_(1)_"}, ids, "D/dataset.json")
+
+
+def test_crossval_split_by_group_is_nnunets_split_over_groups():
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    from nnharmony.data.splits import crossval_split, random_split
+
+    ids = [f"case_{i:03d}" for i in range(12)]
+    nnunet = generate_crossval_split(ids, seed=12345, n_splits=5)
+    assert crossval_split(ids) == [{"train": list(s["train"]), "val": list(s["val"])} for s in nnunet]
+    assert crossval_split(ids, {c: c for c in ids}) == crossval_split(ids)  # one case per group: nnU-Net's split
+    groups = {c: f"p{i // 2}" for i, c in enumerate(ids)}  # 6 patients, 2 cases each
+    splits = crossval_split(ids, groups)
+    assert sorted(c for s in splits for c in s["val"]) == ids
+    for s in splits:
+        assert not {groups[c] for c in s["train"]} & {groups[c] for c in s["val"]}
+    tr, val = random_split(ids, 7, groups)
+    assert sorted(tr + val) == ids and not {groups[c] for c in tr} & {groups[c] for c in val}
+    with pytest.raises(ValueError, match="needs at least 5 groups of cases, found 2"):
+        crossval_split(ids, {c: str(i % 2) for i, c in enumerate(ids)})
+
+
+def test_grouped_member_splits_written_and_checked(tmp_path, monkeypatch):
+    from nnharmony.data.splits import ensure_member_splits, member_splits
+
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    raw = tmp_path / "raw" / "Dataset005_Slices"
+    (raw / "labelsTr").mkdir(parents=True)
+    ids = [f"pat{p}_s{s}" for p in range(6) for s in range(3)]
+    for c in ids:
+        (raw / "labelsTr" / f"{c}.png").write_bytes(b"")
+    dj = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1}, "numTraining": len(ids),
+          "file_ending": ".png", "case_groups": r"^(?P<group>pat\d+)_"}
+    (raw / "dataset.json").write_text(json.dumps(dj))
+    splits = ensure_member_splits("Dataset005_Slices")
+    path = tmp_path / "pre" / "Dataset005_Slices" / "splits_final.json"
+    assert json.loads(path.read_text()) == splits
+    for s in splits:
+        assert not {c.split("_")[0] for c in s["train"]} & {c.split("_")[0] for c in s["val"]}
+    bad = [{"train": ids[1:], "val": ids[:1]}]  # pat0_s0 in val, pat0_s1 in train
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"splits_final.json: fold 0 has cases of group\(s\) \['pat0'\] in both"):
+        member_splits(path.parent, None)
+    (raw / "dataset.json").write_text(json.dumps({k: v for k, v in dj.items() if k != "case_groups"}))
+    assert ensure_member_splits("Dataset005_Slices") is None  # no groups: nnU-Net creates its split as usual

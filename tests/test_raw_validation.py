@@ -289,6 +289,45 @@ def test_members_of_different_dimensionality(raw):
         validate_collection_inputs([1, flat])
 
 
+def test_members_of_different_dimensionality_in_2d(raw):
+    """2D and 3D members plan together in the 2d configuration only; 2D members have no 3D configuration."""
+    make_dataset(raw, 1, name="Vol", shape=(4, 6, 7))
+    make_dataset(raw, 2, name="Flat", shape=(1, 6, 7))
+    validate_members_compatible([1, 2], configurations=["2d"])
+    validate_collection_inputs([1, 2], configurations=["2d"])
+    with pytest.raises(CollectionError, match=r"only be planned together with -c 2d .*for 3d_fullres, make a "
+                                              r"collection of the 3D members only"):
+        validate_members_compatible([1, 2], configurations=["2d", "3d_fullres"])
+    with pytest.raises(CollectionError, match=r"2D datasets \(Dataset002_Flat\) have no '3d_lowres' configuration"):
+        validate_members_compatible([2], configurations=["3d_lowres"])
+    validate_members_compatible([1], configurations=["3d_fullres", "2d"])
+
+
+def test_case_groups_checked(raw):
+    folder = make_dataset(raw, 1, n_cases=3)
+    _edit_json(folder, case_groups=r"^case_(?P<group>00[01])")
+    with pytest.raises(CollectionError, match=r"'case_groups' gives no group to 1 case\(s\), e.g. \['case_002'\]"):
+        validate_raw_dataset(1)
+    _edit_json(folder, case_groups="^case_(")
+    with pytest.raises(CollectionError, match="'case_groups' '\\^case_\\(' is not a valid regular expression"):
+        validate_raw_dataset(1)
+    _edit_json(folder, case_groups={"case_000": "p1", "case_001": "p1", "case_002": "p2"})
+    validate_raw_dataset(1)
+
+
+def test_notes_on_2d_datasets(raw):
+    from nnharmony.dataset_conversion.validation import dataset_notes
+
+    assert dataset_notes(make_dataset(raw, 1)) == []
+    folder = make_dataset(raw, 2, name="Flat", shape=(1, 6, 7))
+    _rewrite(folder / "imagesTr" / "case_001_0000.nii.gz", lambda im: _img(np.zeros((1, 8, 7), np.float32)))
+    _rewrite(folder / "labelsTr" / "case_001.nii.gz", lambda im: _img(np.zeros((1, 8, 7), np.uint8)))
+    validate_raw_dataset(2)  # sizes may differ between cases
+    notes = dataset_notes(2)
+    assert notes[0] == "Dataset002_Flat: 2D dataset (2 cases); plan it with -c 2d"
+    assert "2D images of 2 different sizes (width 7-7, height 6-8 px): allowed" in notes[1]
+
+
 def test_validate_collection_inputs(raw):
     make_dataset(raw, 1)
     make_dataset(raw, 2, name="Two", channels=("T1", "T2"))
