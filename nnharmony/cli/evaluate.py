@@ -18,6 +18,8 @@ from pathlib import Path
 
 from nnharmony.cli.common import exit_on_user_error
 
+PIXEL_SPACING_ENDINGS = (".png", ".bmp", ".jpg", ".jpeg")  # nnU-Net's natural-image reader: spacing 1 per pixel
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -121,7 +123,9 @@ def _run(args: argparse.Namespace) -> str:
                              nsd_tolerance_mm=args.nsd_tolerance)
     print(f"wrote {out / 'summary.json'}, {out / 'results.md'}, {out / 'results.csv'}")
     if args.nsd_tolerance is not None:
-        print(f"NSD tolerance: {args.nsd_tolerance:g} mm")
+        unit = "mm" if args.collection is not None or file_ending not in PIXEL_SPACING_ENDINGS else \
+            f"pixel(s) ({file_ending} images carry no spacing: nnU-Net reads them with spacing 1)"
+        print(f"NSD tolerance: {args.nsd_tolerance:g} {unit}")
     print()
     print(table, end="")
     return table
