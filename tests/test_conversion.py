@@ -168,7 +168,9 @@ def test_plain_folder_2d_png(raw, tmp_path):
                         str(tmp_path / "lb" / f"s{k}.png"))
     out = convert_plain_folder(tmp_path / "im", tmp_path / "lb", 45, "Flat", modalities=["photo"],
                                label_names={"odd": 1})
-    assert sitk.ReadImage(str(out / "imagesTr" / "s0_0000.nii.gz")).GetDimension() == 2
+    assert json.loads((out / "dataset.json").read_text())["file_ending"] == ".png"  # PNG in, PNG out
+    assert sitk.ReadImage(str(out / "imagesTr" / "s0_0000.png")).GetDimension() == 2
+    assert sorted(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labelsTr" / "s1.png"))))) == [0, 1]
     validate_raw_dataset(out)
 
 

@@ -127,6 +127,30 @@ def test_plain_cardiac_folder_maps_200_500_600_to_consecutive_labels(env):
     validate_raw_dataset(raw)
 
 
+def test_plain_png_folder_stays_png(env, tmp_path):
+    """WBC masks as their source stored them (0/128/255) in a plain folder: PNG in, PNG out, values 0/1/2."""
+    from nnharmony.cli import convert as convert_cli
+
+    data = shared_data("wbc_source1_microscopy")
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    for lab in sorted((data / "labelsTr").glob("*.png"))[:3]:
+        os.symlink(data / "imagesTr" / f"{lab.stem}_0000.png", images / f"{lab.stem}.png")
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(lab)))
+        sitk.WriteImage(sitk.GetImageFromArray(np.array([0, 128, 255], np.uint8)[a]), str(labels / lab.name))
+    (tmp_path / "labels.json").write_text(json.dumps({"cytoplasm": 128, "nucleus": 255}))
+    cli(convert_cli.main, ["folder", "-i", str(images), "-l", str(labels), "-d", "962", "-n", "WBCPlain",
+                           "-m", "microscopy", "--labels-json", str(tmp_path / "labels.json")])
+    raw = env["nnUNet_raw"] / "Dataset962_WBCPlain"
+    dj = json.loads((raw / "dataset.json").read_text())
+    assert dj["file_ending"] == ".png" and dj["labels"] == {"background": 0, "cytoplasm": 1, "nucleus": 2}
+    assert sorted(f.name for f in (raw / "imagesTr").iterdir()) == [f"{f.stem}_0000.png" for f in sorted(
+        labels.iterdir())]
+    for lab in (raw / "labelsTr").iterdir():
+        assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(lab)))).tolist()) <= {0, 1, 2}
+
+
 def test_btcv_slices_are_split_by_patient(env):
     from nnharmony.data.splits import ensure_member_splits
 

@@ -33,8 +33,12 @@ Common rules:
   what was annotated) every declared label is kept. A label value found in a file but not declared is an error
   (or background with ``undeclared="background"``).
 - Label maps are written as uint8 (uint16 above 255 labels) on the first channel's grid; images keep their pixel
-  type (float64 becomes float32). Output files are ``.nii.gz`` (``import_nnunet_dataset`` keeps the source's
-  file ending).
+  type (float64 becomes float32). Output files are ``.nii.gz``, or ``.png`` when a plain folder holds only PNG
+  files (2D natural images stay in nnU-Net's PNG format, so predictions come back as PNG);
+  ``import_nnunet_dataset`` keeps the source's file ending.
+- **Grouped cases** (``case_groups``): slices or scans of one patient can be declared as a group (a case-name
+  regex or a dict, written to dataset.json) so that cross-validation never splits a group
+  (:mod:`nnharmony.data.splits`).
 
 Why not nnunetv2's ``convert_MSD_dataset``: it writes straight into the ``nnUNet_raw`` read at import time,
 copies 3D images unchecked, asserts instead of explaining, and leaves a partial folder behind on failure. The
@@ -791,18 +795,26 @@ def convert_plain_folder(
     if not modalities:
         raise CollectionError(f"cannot convert to {target}: give one modality name per channel (e.g. -m CT)")
     cases = _pair_plain(target, images, labels, modalities, image_pattern, label_pattern, case_ids)
+    file_ending = output_file_ending(cases)
     src = images if isinstance(images, (str, os.PathLike)) else "file list"
     with DatasetStager(raw_root, overwrite) as st:
         staging = st.add(dataset_id, name)
         plan, present = _convert_cases(target, staging, cases, modalities, label_spec, keep=keep,
-                                       undeclared=undeclared, num_processes=num_processes)
+                                       undeclared=undeclared, num_processes=num_processes, file_ending=file_ending)
         record = {"tool": "nnharmony_convert folder", "source": str(src), "keep": keep,
                   "label_source_values": plan.source_values, "dropped_labels": plan.dropped,
                   "case_sources": {c.case: {"images": [str(p) for p in c.images], "label": str(c.label)}
                                    for c in cases} if len(cases) <= 50 else None}
-        _write_dataset_json(staging, modalities, plan.labels_json(), len(cases), OUT_FILE_ENDING, name, record,
+        _write_dataset_json(staging, modalities, plan.labels_json(), len(cases), file_ending, name, record,
                             description=description, license=license, case_groups=case_groups)
         return st.commit()[0]
+
+
+def output_file_ending(cases: Sequence[_SourceCase]) -> str:
+    """``.png`` when every source image and label is a PNG (2D natural images: nnU-Net reads them with its
+    natural-image reader, and predictions come back as PNG), else ``.nii.gz``."""
+    files = [f for c in cases for f in [*c.images, c.label] if f is not None]
+    return ".png" if files and all(str(f).lower().endswith(".png") for f in files) else OUT_FILE_ENDING
 
 
 def _case_name_problem(case: str) -> str | None:
