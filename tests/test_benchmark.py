@@ -1,5 +1,5 @@
-"""nnharmony_benchmark: tables and figures from known inputs, and a tiny-budget run on the synthetic collection
-that checks the report folder's structure (tables, CSV columns, valid PNGs, benchmark.json)."""
+"""nnharmony_benchmark: tables, figures, budget, conclusion and progress from known inputs, and a tiny version of
+the quick preset (every method, in this process) that checks the report folder's contents -- not its timing."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnharmony.evaluation import benchmark as B
+from nnharmony.benchmark import budget as BU
+from nnharmony.benchmark import conclusion as C
+from nnharmony.benchmark import scoring as S
+from nnharmony.benchmark.progress import Progress, Step
 from nnharmony.evaluation import report as R
 
 METHODS = ["nnunet", "joint", "hermes"]
@@ -59,15 +62,18 @@ def test_results_table_from_known_rows():
 
 
 def test_timing_table_and_csv(tmp_path):
-    timings = [{"method": "joint", "trainer": "nnHarmonyTrainer", "configuration": "3d_fullres", "status": "ok",
-                "epochs": 2, "train_s": 75.4, "predict_s": None, "eval_s": 2.0, "cpu_s": 130, "peak_rss_mb": 2048.0,
+    timings = [{"method": "joint", "trainer": "nnHarmonyTrainer", "configuration": "2d", "status": "ok",
+                "epochs": "8", "iterations": 120, "setup_s": 3.0, "train_s": 75.4, "validation_s": 6.0,
+                "predict_s": None, "eval_s": 2.0, "total_s": 86.4, "cpu_s": 130, "peak_rss_mb": 2048.0,
                 "peak_cuda_mb": None, "note": ""},
                {"method": "universeg", "trainer": "UniverSegTrainer", "configuration": "2d", "status": "skipped",
                 "note": "not importable"}]
-    table = R.timing_table(timings).splitlines()
-    assert table[0].startswith("| method | trainer | config | status | epochs |")
-    assert table[2] == "| joint | nnHarmonyTrainer | 3d_fullres | ok | 2 | 1 min 15 s | – | 2 s | 2 min 10 s | 2.00 GB | – |"
-    assert "| universeg | UniverSegTrainer | 2d | skipped |" in table[3]
+    table = R.timing_table(timings, {"startup_s": 4.0, "planning_s": 30.0, "report_s": 5.0}).splitlines()
+    assert table[0] == "shared by all methods: start-up 4 s, data + planning 30 s, report and figures 5 s"
+    assert table[2].startswith("| method | trainer | config | status | epochs | iterations | set-up | training |")
+    assert table[4] == ("| joint | nnHarmonyTrainer | 2d | ok | 8 | 120 | 3 s | 1 min 15 s | 6 s | – | 2 s "
+                        "| 1 min 26 s | 2 min 10 s | 2.00 GB | – |")
+    assert "| universeg | UniverSegTrainer | 2d | skipped |" in table[5]
     R.write_timing_csv(timings, tmp_path / "timing.csv")
     R.write_results_csv(_rows(), tmp_path / "results.csv")
     with open(tmp_path / "results.csv") as f:
@@ -91,118 +97,194 @@ def test_figures_from_known_inputs(tmp_path):
     assert 5 <= z < 9  # the slice with the most reference foreground
     png = _assert_png(tmp_path / "ov.png", (150, 400))
     assert png.shape[1] > 2 * png.shape[0]  # four panels side by side
+    curves = {"joint": [{"model": "joint", "curves": {"train_loss": [1.0, 0.5], "val_loss": [0.9, 0.6],
+                                                      "pseudo_dice": [0.2, 0.7]}}],
+              "nnunet": [{"model": f"nnunet D{i}", "curves": {"train_loss": [1.0, 0.4], "val_loss": [],
+                                                             "pseudo_dice": [0.1, 0.8]}} for i in range(2)],
+              "failed": []}
+    assert R.plot_training_curves(curves, tmp_path / "curves.png")
+    _assert_png(tmp_path / "curves.png", (200, 600))
+    assert not R.plot_training_curves({"x": []}, tmp_path / "none.png")
 
 
 def test_budget_parsing():
-    assert B.Budget.parse("5x50") == B.Budget(epochs=5, iterations=50)
-    assert B.Budget.parse("5x50").val_iterations == 10
-    assert B.Budget.parse("10min") == B.Budget(minutes=10.0)
-    assert B.Budget.parse("1.5minx20") == B.Budget(minutes=1.5, iterations=20)
-    for bad in ("5", "0x5", "x", "10 hours"):
+    assert BU.Budget.parse("5x50") == BU.Budget(epochs=5, iterations=50)
+    assert BU.Budget.parse("5x50").val_iterations == 10
+    assert BU.Budget.parse("10min") == BU.Budget(minutes=10.0)
+    assert BU.Budget.parse("1.5minx20") == BU.Budget(minutes=1.5, iterations=20)
+    fitted = BU.Budget.parse("8x1.5min")
+    assert fitted == BU.Budget(epochs=8, minutes=1.5) and fitted.fitted and not BU.Budget.parse("10min").fitted
+    assert str(fitted) == "8 epochs in 1.5 min per method" and fitted.val_iterations == BU.FITTED_VAL_ITERATIONS
+    for bad in ("5", "0x5", "x", "10 hours", "0x1min"):
         with pytest.raises(ValueError, match="--budget"):
-            B.Budget.parse(bad)
+            BU.Budget.parse(bad)
 
 
-def test_train_argv_applies_budget_to_every_paradigm():
-    opts = B.BenchmarkOptions(methods=["joint"], budget="3x7", device="cpu")
-    argv = B.train_argv(B.METHODS["joint"], "C", opts, B.Budget.parse("3x7"))
-    assert argv == ["C", "3d_fullres", "0", "-tr", "nnHarmonyTrainer", "-device", "cpu", "--epochs", "3",
-                    "--iterations-per-epoch", "7", "--val-iterations-per-epoch", "1"]
-    argv = B.train_argv(B.METHODS["hermes"], "C", opts, B.Budget.parse("2min"))
-    assert json.loads(argv[argv.index("--trainer-options") + 1]) == {"wall_clock_budget_minutes": 2.0}
-    no_ckpt = B.BenchmarkOptions(keep_checkpoints=False)
-    assert "--disable_checkpointing" in B.train_argv(B.METHODS["joint"], "C", no_ckpt, B.Budget.parse("1x1"))
-    # the in-context method's prediction loads its checkpoint
-    assert "--disable_checkpointing" not in B.train_argv(B.METHODS["universeg"], "C", no_ckpt, B.Budget.parse("1x1"))
-    assert "-num_gpus" not in B.train_argv(B.METHODS["nnunet"], "C", B.BenchmarkOptions(num_gpus=2),
-                                           B.Budget.parse("1x1"))
+class _FakeTrainer:
+    """The hooks nnU-Net's loop calls, with a clock the test moves."""
+
+    def __init__(self, epochs: int):
+        self.num_epochs, self.current_epoch, self.num_iterations_per_epoch = epochs, 0, 50
+
+    def on_train_epoch_start(self):
+        pass
+
+    def on_train_epoch_end(self, outputs):
+        pass
+
+    def on_epoch_end(self):
+        self.current_epoch += 1
+
+
+def test_epochs_in_minutes_fits_iterations_to_the_time_left(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(BU.time, "perf_counter", lambda: clock[0])
+    tr = _FakeTrainer(epochs=4)
+    fit = BU.EpochsInMinutes(tr, seconds=100.0, first_iterations=5)
+    assert tr.num_iterations_per_epoch == 5
+    for _ in range(4):  # every step takes 0.5 s, every epoch 1 s more (validation, logging)
+        tr.on_train_epoch_start()
+        clock[0] += 0.5 * tr.num_iterations_per_epoch
+        tr.on_train_epoch_end([])
+        clock[0] += 1.0
+        tr.on_epoch_end()
+    # epoch 1: 3.5 s; then (100 - 3.5) / 3 = 32.2 s per epoch, 1 s of it overhead: 62 iterations; the last epoch
+    # takes up what the rounding left
+    assert fit.iterations == [5, 62, 62, 63]
+    assert clock[0] == pytest.approx(100.0)
 
 
 def test_log_parsing_and_metric_lookup():
-    log = "x: Epoch 0\nx: Epoch 1\nfoo\nx: Epoch 0\nx: Epoch 1\nx: Epoch 0\n"
-    assert B._epochs_from_log(log) == [2, 2, 1]
     metrics = {"1": {"Dice": 0.5}, "(2, 3)": {"Dice": 0.25, "NSD": 0.4}}
-    assert B._label_metrics(metrics, "liver", 1)["Dice"] == 0.5
-    assert B._label_metrics(metrics, "core", [2, 3])["NSD"] == 0.4
-    assert B._label_metrics({1: {"Dice": 1.0}}, "liver", 1)["Dice"] == 1.0
-    assert B._label_metrics(metrics, "x", 7) is None
-    rows = B.aggregate([{"member": "A", "label": "l", "method": "m", "case": c, "dice": d, "nsd": None}
+    assert S.label_metrics(metrics, "liver", 1)["Dice"] == 0.5
+    assert S.label_metrics(metrics, "core", [2, 3])["NSD"] == 0.4
+    assert S.label_metrics({1: {"Dice": 1.0}}, "liver", 1)["Dice"] == 1.0
+    assert S.label_metrics(metrics, "x", 7) is None
+    rows = S.aggregate([{"member": "A", "label": "l", "method": "m", "case": c, "dice": d, "nsd": None}
                         for c, d in [("a", 0.2), ("b", 0.4)]])
     assert rows == [{"member": "A", "label": "l", "method": "m", "dice_mean": pytest.approx(0.3),
                      "dice_std": pytest.approx(math.sqrt(0.02)), "nsd_mean": None, "nsd_std": None, "n": 2}]
 
 
+def _per_case(member, method, dices, labels=("liver",)):
+    return [{"member": member, "method": method, "case": f"c{i}", "label": lab, "dice": d}
+            for i, d in enumerate(dices) for lab in labels]
+
+
+def test_conclusion_is_computed_from_the_numbers():
+    per_case = (_per_case("Big", "nnunet", [0.90, 0.92, 0.94]) + _per_case("Big", "joint", [0.89, 0.93, 0.93])
+                + _per_case("Few", "nnunet", [0.50, 0.55, 0.60]) + _per_case("Few", "joint", [0.80, 0.85, 0.90]))
+    members = [{"name": "Big", "training_cases": 8}, {"name": "Few", "training_cases": 3}]
+    lines = C.conclusion_lines(per_case, members, ["nnunet", "joint"],
+                               {"nnunet": "per-dataset", "joint": "collection"})
+    assert lines[0].startswith("- **Big** (8 training cases): best nnunet (0.920), +0.003 over joint (0.917), "
+                               "not larger than the spread")
+    assert "higher on 2 of 3 cases" in lines[0] and "last joint (0.917)" in lines[0]
+    assert lines[1].startswith("- **Few** (3 training cases): best joint (0.850), +0.300 over nnunet (0.550), "
+                               "larger than the spread over validation cases (std up to 0.050); higher on 3 of 3")
+    assert lines[2].startswith("  - few training cases: training on the whole collection helped here: joint")
+    assert lines[3] == "- **Over all members** (mean of the member means): joint 0.883, nnunet 0.735."
+    # the same numbers the other way round: the loser is named and the few-shot line says it did not help
+    swapped = [{**r, "method": {"nnunet": "joint", "joint": "nnunet"}[r["method"]]} for r in per_case]
+    lines = C.conclusion_lines(swapped, members, ["nnunet", "joint"],
+                               {"nnunet": "per-dataset", "joint": "collection"})
+    assert "did not help here: the per-dataset nnunet (0.850)" in lines[2]
+
+
+def test_progress_line_estimates_time_left():
+    p = Progress([Step("", "data + planning"), Step("joint", "training", 60.0), Step("joint", "evaluation"),
+                  Step("hermes", "training", 60.0), Step("hermes", "evaluation")], disable=True, default_s=10.0)
+    p.start("", "data + planning")
+    line = p.line()
+    assert line.startswith("[benchmark] data + planning | elapsed 0:00 | about 2:") and line.endswith(" left")
+    p.start("joint", "training")
+    assert "joint (1/2): training" in p.line()
+    p.skip_method("hermes")
+    assert p.line().endswith("about 1:10 left") or p.line().endswith("about 1:09 left")
+    p.close()
+
+
 def test_bad_options():
-    with pytest.raises(ValueError, match="unknown"):
-        B.BenchmarkOptions(methods=["nope"]).validate()
+    from nnharmony.benchmark import BenchmarkOptions
     from nnharmony.cli import benchmark as cli
 
+    with pytest.raises(ValueError, match="unknown"):
+        BenchmarkOptions(methods=["nope"]).validate()
     with pytest.raises(SystemExit):
         cli.main(["--budget", "fast", "--workdir", "/nonexistent_never_used"])
 
 
 # ------------------------------------------------------------------------------------------ tiny run
-def _importable(trainer: str) -> bool:
-    try:
-        from nnharmony.utils.find_class import find_trainer_class
-
-        find_trainer_class(trainer)
-        return True
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def test_tiny_benchmark_report(synthetic_collection, tmp_path, capsys, monkeypatch):
+def test_tiny_quick_report(synthetic_collection, tmp_path, capsys, monkeypatch):
+    """Every default method, in this process, on the session's planned collection in 2d with a tiny budget."""
+    from nnharmony.benchmark import DEFAULT_METHODS, METHODS, Method
     from nnharmony.cli import benchmark as cli
 
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     # a method whose trainer does not exist is reported as skipped, without numbers
-    monkeypatch.setitem(B.METHODS, "bogus", B.Method("bogus", "NoSuchTrainerAnywhere", "3d_fullres", "collection", "x"))
+    monkeypatch.setitem(METHODS, "bogus", Method("bogus", "NoSuchTrainerAnywhere", "2d", "collection", "x"))
     out = tmp_path / "report"
-    rc = cli.main(["--collection", synthetic_collection["name"], "--methods", "joint", "bogus", "--budget", "1x2",
-                   "--device", "cpu", "-o", str(out), "--overlays", "2", "--no-progress", "--no-checkpoints"])
+    methods = list(DEFAULT_METHODS)
+    rc = cli.main(["--collection", synthetic_collection["name"], "--methods", *methods, "bogus", "--budget",
+                   "2x0.05min", "-cfg", "2d", "--device", "cpu", "-o", str(out), "--overlays", "3", "--no-progress",
+                   "--no-checkpoints", "-np", "1", "-S", "2", "--trainer-options",
+                   'universeg={"image_size": 32, "episode_batch_size": 2, "encoder_blocks": [8, 8, 8]}'])
     printed = capsys.readouterr().out
     assert rc == 0, printed
-    methods = ["joint"]
     spec = synthetic_collection["spec"]
     n_labels = sum(len([k for k in m.labels if k != "background"]) for m in spec.members)
 
-    # printed table = results.md's table, built from this run's numbers
+    # printed table = results.md's table, built from this run's numbers; every method has a number in every row
     md = (out / "results.md").read_text()
-    header = "| member | label | n | joint | bogus |"
+    header = "| member | label | n | " + " | ".join(methods) + " | bogus |"
     assert header in printed and header in md
     body = [ln for ln in md.split(header)[1].strip().splitlines()[1:] if ln.startswith("| ")]
     assert len(body) >= n_labels + 1 and body[n_labels].startswith("| **mean**")
-    assert all(ln.endswith("| skipped |") for ln in body[:n_labels + 1])
+    for ln in body[:n_labels + 1]:
+        cells = [c.strip().strip("*") for c in ln.strip("|").split("|")][3:]
+        assert cells[-1] == "skipped"
+        assert all(0.0 <= float(c.split(" ± ")[0].split(" (")[0]) <= 1.0 for c in cells[:-1]), ln
     assert "bogus: skipped: trainer NoSuchTrainerAnywhere is not available" in printed
+    assert "What the numbers say" in printed and "- **Over all members**" in printed
+    assert f"report: {out}/results.md" in printed and f"{out}/dice_bar.png" in printed and f"logs: {out}/logs/" in printed
+
     bench = json.loads((out / "benchmark.json").read_text())
-    assert {"settings", "started", "finished", "total_s", "collection", "methods", "timings", "rows", "per_case",
-            "figures", "report_folder"} <= set(bench)
-    assert bench["settings"]["budget"] == "1 epochs x 2 iterations"
-    first = bench["rows"][0]
-    assert f"{first['dice_mean']:.3f}" in body[0]
-    joint, bogus = bench["timings"]
-    assert joint["status"] == "ok" and joint["train_s"] > 0 and joint["peak_rss_mb"] > 100 and joint["epochs"] == 1
-    assert bogus["status"] == "skipped" and bogus["train_s"] is None
+    assert {"settings", "started", "finished", "total_s", "collection", "methods", "timings", "shared_timings",
+            "rows", "per_case", "conclusion", "figures", "report_folder"} <= set(bench)
+    assert bench["settings"]["budget"] == "2 epochs in 0.05 min per method"
+    timings = {t["method"]: t for t in bench["timings"]}
+    assert list(timings) == methods + ["bogus"]
+    for m in methods:
+        t = timings[m]
+        assert t["status"] == "ok", t
+        assert t["train_s"] > 0 and t["eval_s"] > 0 and t["total_s"] >= t["train_s"] and t["peak_rss_mb"] > 100
+        assert (t["predict_s"] if m == "universeg" else t["validation_s"]) > 0
+        assert (out / "logs" / f"{m}.log").is_file()
+        models = bench["methods"][m]["models"]
+        assert len(models) == (len(spec.members) if m == "nnunet" else 1)
+        assert all(mod["epochs"] == 2 and len(mod["curves"]["train_loss"]) == 2 for mod in models)
+    assert timings["bogus"]["status"] == "skipped" and timings["bogus"]["train_s"] is None
+    assert bench["shared_timings"]["planning_s"] >= 0 and bench["shared_timings"]["startup_s"] > 0
 
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == R.ROW_FIELDS
-    assert len(rows) == n_labels * len(methods)
+    assert list(rows[0]) == R.ROW_FIELDS and len(rows) == n_labels * len(methods)
     assert {r["method"] for r in rows} == set(methods)
     for r in rows:
         assert 0.0 <= float(r["dice_mean"]) <= 1.0 and int(r["n"]) >= 1
     with open(out / "timing.csv") as f:
-        timing = list(csv.DictReader(f))
-    assert [t["method"] for t in timing] == ["joint", "bogus"] and list(timing[0]) == R.TIMING_FIELDS
-    # per-case values match the validation cases of the fold
+        assert [t["method"] for t in csv.DictReader(f)] == methods + ["bogus"]
     cases = {(r["member"], r["case"]) for r in bench["per_case"]}
     assert cases == {(m["name"], c) for m in bench["collection"]["members"] for c in m["validation_cases"]}
 
-    _assert_png(out / "dice_bar.png", (200, 300))
-    overlays = sorted((out / "overlays").glob("*.png"))
-    assert len(overlays) == 2 and bench["figures"]["overlays"] == [f"overlays/{p.name}" for p in overlays]
-    for p in overlays:
-        _assert_png(p, (100, 100 * (2 + len(methods))))
-    # models went to the report's own results folder, not over the user's
-    model = out / "models" / synthetic_collection["name"] / "nnHarmonyTrainer__nnHarmonyPlans__3d_fullres"
-    assert (model / "fold_0" / "validation").is_dir() and not list(model.rglob("*.pth"))  # --no-checkpoints
+    figs = bench["figures"]
+    _assert_png(out / figs["bars"], (200, 300))
+    _assert_png(out / figs["curves"], (200, 600))
+    assert len(figs["overlays"]) == 3 and {Path(o).name.split("_")[0] for o in figs["overlays"]} == {"Dataset901",
+                                                                                                   "Dataset902",
+                                                                                                   "Dataset903"}
+    for o in figs["overlays"]:
+        _assert_png(out / o, (100, 100 * (2 + len(methods))))
+    # models went to the report's own results folder, without checkpoints
+    model = out / "models" / synthetic_collection["name"] / "nnHarmonyTrainer__nnHarmonyPlans__2d"
+    assert (model / "fold_0" / "validation").is_dir() and not list(model.rglob("*.pth"))

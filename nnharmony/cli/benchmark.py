@@ -1,8 +1,8 @@
 """nnharmony_benchmark [--quick] [--collection NAME | -d IDS] [--methods ...] [--budget 5x50|10min] [--device cpu|cuda]
 
 Trains the selected paradigms on the same fold with the same budget, evaluates every member's validation cases
-and writes a report folder (Markdown/CSV tables, bar chart, overlays, benchmark.json). See
-``nnharmony.evaluation.benchmark`` for what exactly is run.
+and writes a report folder (Markdown/CSV tables, bar chart, training curves, overlays, benchmark.json). See
+``nnharmony.benchmark`` for what exactly is run.
 """
 from __future__ import annotations
 
@@ -19,23 +19,28 @@ QUICK_WORKDIR = "nnharmony_quick"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nnharmony.evaluation.benchmark import DEFAULT_METHODS, METHODS, QUICK
+    from nnharmony.benchmark import DEFAULT_METHODS, METHODS, QUICK
+    from nnharmony.dataset_conversion.synthetic import MEMBER_PRESETS
+
+    quick_members = ", ".join(f"{m.template.name} ({m.num_training} training cases)"
+                              for m in MEMBER_PRESETS[QUICK.members])
 
     p = argparse.ArgumentParser(
         prog="nnharmony_benchmark",
         description="Compare the paradigms on one collection: every method trains on the same fold with the same "
                     "budget, predicts the validation cases and is evaluated per member x label (Dice, NSD). Writes "
-                    "results.md, results.csv, timing.csv, dice_bar.png, overlays/ and benchmark.json into the report "
-                    "folder and prints the Dice table.",
+                    "results.md, results.csv, timing.csv, dice_bar.png, training_curves.png, overlays/, benchmark.json "
+                    "and logs/ into the report folder and prints the Dice table.",
         epilog="methods: " + "; ".join(f"{m.name} = {m.trainer} ({m.description})" for m in METHODS.values())
                + ".  Examples:  nnharmony_benchmark --quick  |  nnharmony_benchmark -c Collection900_Abdomen "
                  "--methods nnunet joint hermes --budget 100x250 --device cuda  |  nnharmony_benchmark -d 1 2 3 "
                  "--budget 30min",
     )
     p.add_argument("--quick", action="store_true",
-                   help=f"the newcomer's preset: built-in synthetic collection ({QUICK['num_cases']} cases of "
-                        f"{'x'.join(map(str, QUICK['shape']))} per member), budget {QUICK['budget']}, under 15 min on "
-                        f"a 2-core CPU. Uses $nnUNet_raw/_preprocessed/_results if set, else ./{QUICK_WORKDIR}/")
+                   help=f"the newcomer's preset: built-in synthetic collection {QUICK.collection} ({quick_members}; "
+                        f"field of view {'x'.join(map(str, QUICK.shape))} mm), every method on the {QUICK.configuration} "
+                        f"configuration with budget {QUICK.budget}, data loading in this process; under 10 min on a "
+                        f"2-core CPU. Uses $nnUNet_raw/_preprocessed/_results if set, else ./{QUICK_WORKDIR}/")
     p.add_argument("-c", "--collection", default=None,
                    help="a planned collection (nnharmony_plan_and_preprocess -n NAME); default: the built-in "
                         "synthetic collection, generated and planned if missing")
@@ -45,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"methods to compare, or 'all' (default: {' '.join(DEFAULT_METHODS)})")
     p.add_argument("--budget", default=None,
                    help="the same for every method: EPOCHSxITERATIONS (e.g. 5x50) or wall clock per method "
-                        "MINUTESmin (e.g. 10min; MINUTESminxITERATIONS sets iterations per epoch too). "
-                        f"Default: nnU-Net's 1000x250, with --quick {QUICK['budget']}")
+                        "MINUTESmin (e.g. 10min; MINUTESminxITERATIONS sets iterations per epoch too) or "
+                        "EPOCHSxMINUTESmin (e.g. 8x1.5min: that many epochs in that time, the iterations per epoch "
+                        f"fitted to it). Default: nnU-Net's 1000x250, with --quick {QUICK.budget}")
     p.add_argument("-f", "--fold", default="0", help="fold (0-4, the members' nnU-Net folds) or 'all' (default 0)")
     p.add_argument("--device", "-device", default=None, choices=["cpu", "cuda", "mps"],
                    help="default: cuda if available, else cpu")
@@ -60,13 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tolerance of the normalized surface Dice in mm (default 1); 0 = no NSD")
     p.add_argument("--overlays", type=int, default=3, metavar="N", help="overlay figures to draw (default 3)")
     p.add_argument("-S", "--support-size", type=int, default=None,
-                   help="universeg: support set size (default 8, with --quick 4)")
+                   help=f"universeg: support set size (default 8, with --quick {QUICK.support_size})")
     p.add_argument("-K", "--ensemble", type=int, default=1, help="universeg: support sets averaged (default 1)")
     p.add_argument("--trainer-options", nargs="*", default=[], metavar="METHOD=JSON",
                    help='trainer attributes for one method, e.g. hermes=\'{"optimizer_name": "adamw"}\'')
     p.add_argument("--synthetic-cases", type=int, default=None,
-                   help=f"cases per member of a newly generated synthetic collection (default {QUICK['num_cases']})")
-    p.add_argument("-np", "--num-processes", type=int, default=2, help="processes for preprocessing and evaluation")
+                   help="cases per member of a newly generated synthetic collection without --quick (default 8)")
+    p.add_argument("-np", "--num-processes", type=int, default=None,
+                   help="processes for preprocessing and evaluation (default 2; with --quick 1: in this process)")
+    p.add_argument("-cfg", "--configuration", default=None,
+                   help="train every method on this configuration (e.g. 2d) instead of its own (3d_fullres; "
+                        "universeg 2d); --quick: 2d")
     ck = p.add_mutually_exclusive_group()
     ck.add_argument("--keep-checkpoints", dest="checkpoints", action="store_const", const=True, default=None,
                     help="write the models' checkpoints under REPORT/models (default, except with --quick)")
@@ -97,50 +107,66 @@ def _setup_folders(args) -> None:
                          f"--workdir DIR (or --quick, which defaults to ./{QUICK_WORKDIR}/)")
 
 
+def _trainer_options(args, quick: bool) -> dict:
+    from nnharmony.benchmark import QUICK
+
+    out = {}
+    for method, text in parse_key_value_pairs(args.trainer_options, "--trainer-options").items():
+        try:
+            out[method] = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--trainer-options {method}: not valid JSON ({e})") from None
+        if not isinstance(out[method], dict):
+            raise ValueError(f"--trainer-options {method}: expected a JSON object")
+    if quick:  # the preset's small-CPU settings, under what the user gave
+        for method, defaults in QUICK.trainer_options.items():
+            out[method] = {**defaults, **out.get(method, {})}
+    return out
+
+
+def _device(requested: str | None) -> str:
+    import torch
+
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    return requested
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from nnharmony.evaluation.benchmark import (DEFAULT_METHODS, METHODS, QUICK, BenchmarkOptions, Budget,
-                                                printed_summary, run_benchmark)
+    from nnharmony.benchmark import (DEFAULT_METHODS, METHODS, QUICK, BenchmarkOptions, Budget, printed_summary,
+                                     run_benchmark)
 
     methods = list(DEFAULT_METHODS) if not args.methods else (
         list(METHODS) if args.methods == ["all"] else args.methods)
-    budget = args.budget or (QUICK["budget"] if args.quick else "1000x250")
+    budget = args.budget or (QUICK.budget if args.quick else "1000x250")
     Budget.parse(budget)  # fail before any work
-    trainer_options = {}
-    for method, text in parse_key_value_pairs(args.trainer_options, "--trainer-options").items():
-        try:
-            trainer_options[method] = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--trainer-options {method}: not valid JSON ({e})") from None
-        if not isinstance(trainer_options[method], dict):
-            raise ValueError(f"--trainer-options {method}: expected a JSON object")
-    if args.quick:  # the preset's small-CPU settings, under what the user gave
-        for method, defaults in QUICK.get("trainer_options", {}).items():
-            trainer_options[method] = {**defaults, **trainer_options.get(method, {})}
-    device = args.device
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    trainer_options = _trainer_options(args, args.quick)
+    device = _device(args.device)
     _setup_folders(args)
-    opts = BenchmarkOptions(
+    common = dict(
         methods=methods, budget=budget, collection=args.collection,
         dataset_ids=[int(d) if str(d).isdigit() else d for d in args.d] if args.d else None,
         fold=args.fold, device=device, num_gpus=args.num_gpus, output_folder=args.output,
         nsd_tolerance_mm=args.nsd_tolerance if args.nsd_tolerance and args.nsd_tolerance > 0 else None,
-        num_overlays=args.overlays,
-        support_size=args.support_size or (QUICK["support_size"] if args.quick else 8), ensemble=args.ensemble,
-        trainer_options=trainer_options,
-        synthetic_cases=args.synthetic_cases or QUICK["num_cases"], num_processes=args.num_processes,
-        keep_checkpoints=args.checkpoints if args.checkpoints is not None else not args.quick,
-        quiet=args.no_progress,
-    )
+        num_overlays=args.overlays, ensemble=args.ensemble, trainer_options=trainer_options,
+        quiet=args.no_progress)
+    for key, value in (("num_processes", args.num_processes), ("configuration", args.configuration)):
+        if value is not None:
+            common[key] = value
+    if args.support_size:
+        common["support_size"] = args.support_size
+    if args.checkpoints is not None:
+        common["keep_checkpoints"] = args.checkpoints
+    if args.quick:
+        # augmentation in the training process: on a small CPU, worker processes only compete with the network
+        os.environ.setdefault("nnUNet_n_proc_DA", "0")
+        opts = BenchmarkOptions.from_preset(QUICK, **common)
+    else:
+        opts = BenchmarkOptions(**common, synthetic_cases=args.synthetic_cases or 8)
     try:
         bench = run_benchmark(opts)
     except KeyboardInterrupt:

@@ -32,6 +32,12 @@ blur, noise and (MR) a multiplicative bias field and random gain. The field of v
 every member, so the anatomy has the same physical size and the voxel grids differ (901: 48^3 voxels; 902:
 16 x 48 x 48; 903: 40^3 for the default shape), with a +-8 % per-case jitter of the grid size.
 
+``QUICK_MEMBERS`` is the collection of ``nnharmony_benchmark --quick`` (``nnharmony_make_synthetic --preset quick``):
+CT (liver, spleen, kidney), thick-slice T1 MRI (liver, kidney) and a T2 member with only 3 training cases that
+shares the liver and spleen with the CT member -- the case where training one model on all members may help (or
+not). Its members carry their own fold-0 split (:class:`SyntheticMember`, :func:`synthetic_splits`), because
+nnU-Net's 5-fold split needs at least 5 cases and keeps 80 % of them for training.
+
 Each dataset is written into a hidden staging folder, validated and renamed into place (see
 :class:`nnharmony.dataset_conversion.convert.DatasetStager`). An existing dataset generated with the same
 parameters is reused; a different one is refused unless ``overwrite=True``.
@@ -90,6 +96,39 @@ TEMPLATES: tuple[MemberTemplate, ...] = (
     MemberTemplate("SynthT2", ("T2",), (1.5, 1.5, 1.5), ("liver", "spleen"), noise=0.04, bias=0.3, flip_xy=True,
                    description="synthetic T2 MRI, 1.5 mm isotropic, strong bias field"),
 )
+
+
+@dataclass(frozen=True)
+class SyntheticMember:
+    """A member of a preset collection: its template and the size of its fold 0 (the first ``num_training``
+    cases train, the next ``num_validation`` validate), so a member can have very few training cases."""
+
+    template: MemberTemplate
+    num_training: int
+    num_validation: int
+
+    @property
+    def num_cases(self) -> int:
+        return self.num_training + self.num_validation
+
+
+#: ``nnharmony_benchmark --quick``: two members with enough cases, and a few-shot member in its own modality (T2)
+#: whose structures (liver, spleen) the CT member also annotates. Small structures (lesions) are left out: at the
+#: quick preset's 2D resolution they are a few pixels wide and would not be learnt in minutes on a CPU.
+QUICK_MEMBERS: tuple[SyntheticMember, ...] = (
+    SyntheticMember(TEMPLATES[0], num_training=8, num_validation=4),
+    SyntheticMember(MemberTemplate("SynthT1", ("T1",), (3.0, 1.0, 1.0), ("liver", "kidney"), noise=0.03, bias=0.25,
+                                   flip_xy=True, description="synthetic T1 MRI, thick slices (3 mm), bias field, "
+                                                             "arbitrary units"),
+                    num_training=8, num_validation=4),
+    SyntheticMember(MemberTemplate("SynthT2Few", ("T2",), (1.5, 1.5, 1.5), ("liver", "spleen"), noise=0.04, bias=0.3,
+                                   flip_xy=True, description="synthetic T2 MRI with only 3 training cases, 1.5 mm "
+                                                             "isotropic, strong bias field"),
+                    num_training=3, num_validation=5),
+)
+
+#: member presets by name (``nnharmony_make_synthetic --preset NAME``)
+MEMBER_PRESETS: dict[str, tuple[SyntheticMember, ...]] = {"quick": QUICK_MEMBERS}
 
 
 def member_template(index: int) -> MemberTemplate:
@@ -319,9 +358,33 @@ def _write_case(folder: Path, case_id: str, images, label, spacing_zyx, flip_xy:
     sitk.WriteImage(to_itk(label), str(folder / "labelsTr" / f"{case_id}.nii.gz"), useCompression=True)
 
 
-def _fingerprint(template: MemberTemplate, index: int, seed: int, num_cases: int, shape) -> dict[str, Any]:
-    return {"generator_version": GENERATOR_VERSION, "template": template.name, "member_index": index,
-            "seed": int(seed), "num_cases": int(num_cases), "shape": [int(s) for s in shape]}
+def _case_ids(template: MemberTemplate, num_cases: int) -> list[str]:
+    prefix = template.case_prefix or template.name.lower()
+    return [f"{prefix}_{i:03d}" for i in range(num_cases)]
+
+
+def _fingerprint(template: MemberTemplate, index: int, seed: int, num_cases: int, shape,
+                 num_training: int | None = None) -> dict[str, Any]:
+    fp = {"generator_version": GENERATOR_VERSION, "template": template.name, "member_index": index,
+          "seed": int(seed), "num_cases": int(num_cases), "shape": [int(s) for s in shape]}
+    if num_training is not None:  # a preset member: its labels and fold-0 split are part of what was made
+        fp.update(labels=list(template.labels), num_training=int(num_training),
+                  training_cases=_case_ids(template, num_cases)[:num_training])
+    return fp
+
+
+def synthetic_splits(folder: str | os.PathLike) -> list[dict[str, list[str]]] | None:
+    """nnU-Net ``splits_final.json`` content (fold 0 only) of a preset member (:class:`SyntheticMember`) made by
+    :func:`make_synthetic_collection`; None for other datasets, which keep nnU-Net's own 5-fold split."""
+    try:
+        fp = json.loads((Path(folder) / "dataset.json").read_text()).get("nnharmony_synthetic") or {}
+    except (OSError, ValueError):
+        return None
+    if "training_cases" not in fp:
+        return None
+    train = list(fp["training_cases"])
+    every = sorted(p.name[: -len(".nii.gz")] for p in (Path(folder) / "labelsTr").glob("*.nii.gz"))
+    return [{"train": train, "val": [c for c in every if c not in train]}]
 
 
 def make_synthetic_collection(
@@ -333,10 +396,13 @@ def make_synthetic_collection(
     num_members: int = 3,
     overwrite: bool = False,
     verbose: bool = False,
+    members: Sequence[SyntheticMember] | None = None,
 ) -> list[Path]:
     """Write ``num_members`` synthetic datasets ``Dataset{first_id + k}_...`` into ``out_root`` (default
     ``$nnUNet_raw``); returns their folders. ``shape`` (z, y, x) is the field of view in mm (= voxels of the 1 mm
-    member). Deterministic in ``seed``. An existing dataset made with the same parameters is kept as is."""
+    member). Deterministic in ``seed``. An existing dataset made with the same parameters is kept as is.
+    ``members`` (e.g. ``QUICK_MEMBERS``) replaces ``num_members``/``num_cases``: each member's template and fold-0
+    split (see :func:`synthetic_splits`)."""
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
     from nnharmony.dataset_conversion.convert import DatasetStager, dataset_folder_name
@@ -344,13 +410,18 @@ def make_synthetic_collection(
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 8:
         raise CollectionError(f"synthetic shape must be three sizes >= 8 (z y x), got {shape}")
-    if num_cases < 1 or num_members < 1:
+    if members is not None:
+        plan = [(m.template, m.num_cases, m.num_training) for m in members]
+        if not plan or any(m.num_training < 1 or m.num_validation < 1 for m in members):
+            raise CollectionError("every preset member needs at least one training and one validation case")
+    elif num_cases < 1 or num_members < 1:
         raise CollectionError(f"need at least one case and one member (got {num_cases} cases, {num_members} members)")
+    else:
+        plan = [(member_template(k), num_cases, None) for k in range(num_members)]
     out: list[Path] = []
-    for k in range(num_members):
-        t = member_template(k)
+    for k, (t, num_cases, num_training) in enumerate(plan):
         did = first_id + k
-        fp = _fingerprint(t, k, seed, num_cases, shape)
+        fp = _fingerprint(t, k, seed, num_cases, shape, num_training)
         with DatasetStager(out_root, overwrite=True) as st:
             existing = st.existing(did)
             target = st.raw_root / dataset_folder_name(did, t.name)
@@ -368,10 +439,9 @@ def make_synthetic_collection(
             staging = st.add(did, t.name)
             (staging / "imagesTr").mkdir()
             (staging / "labelsTr").mkdir()
-            prefix = t.case_prefix or t.name.lower()
-            for i in range(num_cases):
+            for i, case_id in enumerate(_case_ids(t, num_cases)):
                 images, label, spacing = make_synthetic_case(t, shape, _case_rng(seed, k, i))
-                _write_case(staging, f"{prefix}_{i:03d}", images, label, spacing, t.flip_xy)
+                _write_case(staging, case_id, images, label, spacing, t.flip_xy)
             generate_dataset_json(
                 str(staging),
                 channel_names={i: c for i, c in enumerate(t.channels)},

@@ -5,9 +5,11 @@ Everything here works on plain Python data so that it can be tested (and reused)
 * a *row* is one member x label x method: ``{"member", "label", "method", "dice_mean", "dice_std", "nsd_mean",
   "nsd_std", "n"}`` (``n``: validation cases evaluated; ``*_std``: sample standard deviation over those cases,
   ``None`` with fewer than two cases; a metric that was not computed is ``None``);
-* a *timing* is one method: ``{"method", "trainer", "configuration", "status", "epochs", "train_s",
-  "predict_s", "eval_s", "cpu_s", "peak_rss_mb", "peak_cuda_mb", "note"}`` (``cpu_s``: CPU time of the method's
-  processes, user + system, training and prediction).
+* a *timing* is one method: ``TIMING_FIELDS`` -- status, epochs and iterations run, the time split (set-up:
+  building trainers, networks and data loaders; training; the final validation, i.e. prediction of the validation
+  cases; in-context prediction; evaluation), the method's total, its CPU time (user + system) and peak memory;
+* *shared timings* are the run's own: ``startup_s`` (interpreter, imports), ``planning_s`` (data and planning),
+  ``report_s`` (tables and figures).
 
 Figures use matplotlib's Agg backend (no display needed) and are written atomically.
 """
@@ -23,8 +25,8 @@ import numpy as np
 from nnharmony.utils.io import atomic_write
 
 ROW_FIELDS = ["member", "label", "method", "dice_mean", "dice_std", "nsd_mean", "nsd_std", "n"]
-TIMING_FIELDS = ["method", "trainer", "configuration", "status", "epochs", "train_s", "predict_s", "eval_s",
-                 "cpu_s", "peak_rss_mb", "peak_cuda_mb", "note"]
+TIMING_FIELDS = ["method", "trainer", "configuration", "status", "epochs", "iterations", "setup_s", "train_s",
+                 "validation_s", "predict_s", "eval_s", "total_s", "cpu_s", "peak_rss_mb", "peak_cuda_mb", "note"]
 METRIC_NAMES = {"dice": "Dice", "nsd": "NSD"}
 
 
@@ -107,18 +109,26 @@ def results_table(rows: Sequence[Mapping], metric: str = "dice", methods: Sequen
     return "\n".join(lines) + "\n"
 
 
-def timing_table(timings: Sequence[Mapping]) -> str:
-    """Markdown table: one line per method with status, epochs run, times and peak memory."""
-    lines = ["| method | trainer | config | status | epochs | training + validation | prediction | evaluation "
-             "| CPU time | peak RAM | peak GPU memory |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+def timing_table(timings: Sequence[Mapping], shared: Mapping[str, float | None] | None = None) -> str:
+    """Markdown table: one line per method with status, epochs and iterations run, the time split, CPU time and
+    peak memory; ``shared`` (start-up, planning, report) goes on a line above it."""
+    lines = []
+    if shared:
+        parts = [f"{name} {fmt_seconds(shared.get(key))}" for key, name in
+                 (("startup_s", "start-up"), ("planning_s", "data + planning"), ("report_s", "report and figures"))
+                 if key in shared]
+        lines += ["shared by all methods: " + ", ".join(parts), ""]
+    lines += ["| method | trainer | config | status | epochs | iterations | set-up | training | validation "
+              "| prediction | evaluation | total | CPU time | peak RAM | peak GPU memory |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in timings:
+        times = " | ".join(fmt_seconds(t.get(k)) for k in ("setup_s", "train_s", "validation_s", "predict_s",
+                                                           "eval_s", "total_s", "cpu_s"))
         lines.append(
             f"| {t['method']} | {t.get('trainer') or '–'} | {t.get('configuration') or '–'} | {t.get('status', '–')} "
-            f"| {t.get('epochs') if _is_num(t.get('epochs')) else '–'} | {fmt_seconds(t.get('train_s'))} "
-            f"| {fmt_seconds(t.get('predict_s'))} | {fmt_seconds(t.get('eval_s'))} | {fmt_seconds(t.get('cpu_s'))} "
-            f"| {fmt_mb(t.get('peak_rss_mb'))} "
-            f"| {fmt_mb(t.get('peak_cuda_mb'))} |")
+            f"| {t['epochs'] if t.get('epochs') not in (None, '') else '–'} "
+            f"| {t['iterations'] if _is_num(t.get('iterations')) else '–'} | {times} "
+            f"| {fmt_mb(t.get('peak_rss_mb'))} | {fmt_mb(t.get('peak_cuda_mb'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -180,7 +190,9 @@ def method_colors(methods: Sequence[str]) -> dict[str, Any]:
 def plot_metric_bars(rows: Sequence[Mapping], path: str | os.PathLike, metric: str = "dice",
                      methods: Sequence[str] | None = None, title: str | None = None) -> bool:
     """Grouped bars: one group per member / label, one bar per method (mean over validation cases, error bar =
-    standard deviation over cases). Returns False (and writes nothing) when there is no number to plot."""
+    standard deviation over cases). Tick labels are the labels; each member's name is written once under its groups
+    (members are separated by dashed lines), so long dataset names never overlap. Returns False (and writes
+    nothing) when there is no number to plot."""
     methods = list(methods) if methods is not None else _ordered(r["method"] for r in rows)
     by = {(r["member"], r["label"], r["method"]): r for r in rows}
     keys = _ordered((r["member"], r["label"]) for r in rows)
@@ -191,7 +203,10 @@ def plot_metric_bars(rows: Sequence[Mapping], path: str | os.PathLike, metric: s
     colors = method_colors(methods)
     n_groups, n_bars = len(keys), len(plotted)
     width = 0.8 / n_bars
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + n_groups * (0.35 * n_bars + 0.5)), 4.6))
+    members = _ordered(mem for mem, _ in keys)
+    # wide enough for the bars and for every member's name under its groups
+    group_w = max(0.22 * n_bars + 0.45, max(0.075 * len(m) / sum(k[0] == m for k in keys) for m in members))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 + n_groups * group_w), 4.8))
     x = np.arange(n_groups)
     for j, m in enumerate(plotted):
         means, stds = [], []
@@ -202,18 +217,60 @@ def plot_metric_bars(rows: Sequence[Mapping], path: str | os.PathLike, metric: s
         pos = x - 0.4 + width * (j + 0.5)
         ax.bar(pos, np.nan_to_num(means), width, yerr=stds, capsize=2, color=colors[m], label=m,
                edgecolor="black", linewidth=0.4, error_kw={"elinewidth": 0.8})
-        for p, v in zip(pos, means):
+        for p_, v in zip(pos, means):
             if np.isnan(v):
-                ax.text(p, 0.01, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+                ax.text(p_, 0.01, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
     ax.set_xticks(x)
-    ax.set_xticklabels([f"{mem}\n{lab}" for mem, lab in keys], fontsize=8)
+    ax.set_xticklabels([lab for _, lab in keys], fontsize=9)
+    for i, mem in enumerate(members):
+        idx = [j for j, k in enumerate(keys) if k[0] == mem]
+        ax.annotate(mem, xy=((np.mean(idx) + 0.5) / n_groups, 0), xycoords="axes fraction", xytext=(0, -24),
+                    textcoords="offset points", ha="center", va="top", fontsize=9, fontweight="bold")
+        if i:
+            ax.axvline(idx[0] - 0.5, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlim(-0.5, n_groups - 0.5)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(f"{METRIC_NAMES.get(metric, metric)} (mean ± std over validation cases)")
-    ax.set_xlabel("member dataset / label")
     ax.set_title(title or f"{METRIC_NAMES.get(metric, metric)} per member and label")
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     ax.legend(title="method", fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _save_figure(fig, path)
+    return True
+
+
+def plot_training_curves(curves: Mapping[str, Sequence[Mapping]], path: str | os.PathLike) -> bool:
+    """All methods' training curves in one figure: training loss, validation loss and pseudo Dice (nnU-Net's
+    per-epoch estimate on validation patches) per epoch. ``curves``: method -> its models, each ``{"model",
+    "curves": {"train_loss", "val_loss", "pseudo_dice"}}`` (the per-dataset paradigm has one model per member,
+    drawn in its method's colour with different line styles). Losses of different methods are different functions
+    (and scales): compare their shapes, not their values. False when there is nothing to draw."""
+    methods = [m for m, models in curves.items() if any(mod.get("curves", {}).get("train_loss") for mod in models)]
+    if not methods:
+        return False
+    plt = _pyplot()
+    colors = method_colors(list(curves))
+    styles = ["-", "--", ":", "-."]
+    panels = [("train_loss", "training loss"), ("val_loss", "validation loss"), ("pseudo_dice", "pseudo Dice")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, (key, name) in zip(axes, panels):
+        for m in methods:
+            models = curves[m]
+            for i, mod in enumerate(models):
+                y = mod.get("curves", {}).get(key) or []
+                if not y:
+                    continue
+                label = m if len(models) == 1 else f"{m}: {str(mod.get('model', i)).split(' ', 1)[-1]}"
+                ax.plot(np.arange(1, len(y) + 1), y, styles[i % len(styles)], color=colors[m], marker="o",
+                        markersize=3, label=label)
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        if key == "pseudo_dice":
+            ax.set_ylim(0, 1)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title="method / model")
+    fig.tight_layout()
     _save_figure(fig, path)
     return True
 
@@ -306,34 +363,35 @@ def plot_overlay(image: np.ndarray, reference: np.ndarray, predictions: Mapping[
 
 # ---------------------------------------------------------------------------------------------- the report
 def markdown_report(bench: Mapping[str, Any]) -> str:
-    """``results.md``: settings, the Dice and NSD tables, timing and memory, notes and the figures."""
+    """``results.md``: settings, the Dice (and NSD) tables, the computed conclusion, the time split, notes and the
+    figures."""
     rows = bench.get("rows", [])
-    methods = [t["method"] for t in bench.get("timings", [])] or _ordered(r["method"] for r in rows)
-    status = {t["method"]: t["status"] for t in bench.get("timings", []) if t.get("status") != "ok"}
+    timings = bench.get("timings", [])
+    methods = [t["method"] for t in timings] or _ordered(r["method"] for r in rows)
+    status = {t["method"]: t["status"] for t in timings if t.get("status") != "ok"}
     s = bench.get("settings", {})
-    out = [f"# nnharmony benchmark: {s.get('collection', '')}", ""]
-    out.append(f"fold {s.get('fold')}, budget {s.get('budget')}, device {s.get('device')}"
-               + (f" x {s['num_gpus']}" if s.get("num_gpus", 1) > 1 else "")
-               + f", started {bench.get('started', '')}, total {fmt_seconds(bench.get('total_s'))}.")
-    out.append("")
-    out.append("## Dice per member and label (mean ± std over validation cases)")
-    out.append("")
-    out.append(results_table(rows, "dice", methods, status))
+    out = [f"# nnharmony benchmark: {s.get('collection', '')}", "",
+           f"fold {s.get('fold')}, budget {s.get('budget')}, device {s.get('device')}"
+           + (f" x {s['num_gpus']}" if s.get("num_gpus", 1) > 1 else "")
+           + (f", configuration {s['configuration']}" if s.get("configuration") else "")
+           + f", started {bench.get('started', '')}, total {fmt_seconds(bench.get('total_s'))}.", "",
+           "## Dice per member and label (mean ± std over validation cases)", "",
+           results_table(rows, "dice", methods, status)]
+    if bench.get("conclusion"):
+        out += ["## What the numbers say", "", "Computed from the per-case Dice above (a case's score is its Dice "
+                "averaged over the member's labels).", "", *bench["conclusion"], ""]
     if any(_is_num(r.get("nsd_mean")) for r in rows):
-        out.append(f"## NSD at {s.get('nsd_tolerance_mm')} mm (mean ± std over validation cases)")
-        out.append("")
-        out.append(results_table(rows, "nsd", methods, status))
-    out.append("## Training time and peak memory per method")
-    out.append("")
-    out.append(timing_table(bench.get("timings", [])))
-    notes = [f"- **{t['method']}**: {t['note']}" for t in bench.get("timings", []) if t.get("note")]
+        out += [f"## NSD at {s.get('nsd_tolerance_mm')} mm (mean ± std over validation cases)", "",
+                results_table(rows, "nsd", methods, status)]
+    out += ["## Time and memory per method", "", timing_table(timings, bench.get("shared_timings"))]
+    notes = [f"- **{t['method']}**: {t['note']}" for t in timings if t.get("note")]
     if notes:
         out += ["### Notes", ""] + notes + [""]
     figs = bench.get("figures", {})
-    if figs.get("bars"):
-        out += ["## Figures", "", f"![Dice per member and label]({figs['bars']})", ""]
-    for o in figs.get("overlays", []):
-        out += [f"![{o}]({o})", ""]
+    shown = [(figs.get("bars"), "Dice per member and label"), (figs.get("curves"), "training curves")]
+    shown += [(o, o) for o in figs.get("overlays", [])]
+    if any(f for f, _ in shown):
+        out += ["## Figures", ""] + [f"![{alt}]({f})\n" for f, alt in shown if f]
     out += ["## How to read this", "",
             "- Each cell is the mean over the member's validation cases of this fold, ± the standard deviation over "
             "those cases; `n` is the number of cases. The **mean** line averages the lines above it (each member x "
@@ -342,11 +400,9 @@ def markdown_report(bench: Mapping[str, Any]) -> str:
             "validation cases, against nnU-Net's `gt_segmentations` of each member, in the member's own geometry.",
             "- `nnunet` is the per-dataset paradigm: one plain nnU-Net per member. `universeg` segments each label "
             "from a support set of the member's training cases (in-context), see the notes.",
-            "- Times are wall-clock; *training + validation* includes the trainer's final validation (sliding-window "
-            "prediction of the validation cases). *CPU time* is the user + system time of the method's processes "
-            "(on a busy machine it shows the work done better than wall time). Peak RAM is the largest resident "
-            "size of one process of the method (training, augmentation workers); peak GPU memory is PyTorch's "
-            "maximum allocated memory.",
-            "- With a tiny budget (the quick preset) the numbers show that the pipeline works end to end; they do "
-            "not rank the methods.", ""]
+            "- Times are wall-clock. *set-up* builds trainers, networks and data loaders; *validation* is the "
+            "trainer's final validation (sliding-window prediction of the validation cases); *prediction* is the "
+            "in-context method's; *total* is the method's wall time. *CPU time* is user + system time (on a busy "
+            "machine it shows the work done better than wall time). Peak RAM is the largest resident size of this "
+            "process while the method ran; peak GPU memory is PyTorch's maximum allocated memory.", ""]
     return "\n".join(out)
