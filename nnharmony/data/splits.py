@@ -18,8 +18,8 @@ declares its groups in its ``dataset.json`` under ``"case_groups"``:
 ``nnharmony_convert ... --group-pattern REGEX`` writes the first form. The folds are then nnU-Net's split over
 the sorted *group* names (same KFold, shuffle, seed), each group expanding to its cases; with one case per group
 this is exactly nnU-Net's split. An existing ``splits_final.json`` that puts one group on both sides of a fold is
-refused. ``nnharmony_plan_and_preprocess`` writes every member's split file (:func:`ensure_member_splits`), so
-plain ``nnUNetv2_train`` on a member uses the grouped folds too.
+refused. ``nnharmony_plan_and_preprocess`` writes the split file of every member with groups
+(:func:`ensure_member_splits`), so plain ``nnUNetv2_train`` on such a member uses the grouped folds too.
 """
 from __future__ import annotations
 
@@ -41,10 +41,12 @@ SPLIT_SEED = 12345
 
 
 # ---------------------------------------------------------------------------------------------- case groups
-def _group_of(match: re.Match) -> str:
-    if "group" in match.re.groupindex:
-        return str(match.group("group"))
-    return str(match.group(1) if match.re.groups else match.group(0))
+def _group_of(match: re.Match | None) -> str:
+    """The group named by a case-name match ('' when it names none)."""
+    if match is None:
+        return ""
+    key = "group" if "group" in match.re.groupindex else (1 if match.re.groups else 0)
+    return match.group(key) or ""
 
 
 def case_groups(dataset_json: Mapping[str, Any], case_ids: Iterable[str], source: str = "dataset.json"
@@ -61,8 +63,7 @@ def case_groups(dataset_json: Mapping[str, Any], case_ids: Iterable[str], source
             rx = re.compile(spec)
         except re.error as e:
             raise ValueError(f"{source}: '{CASE_GROUPS_KEY}' {spec!r} is not a valid regular expression ({e})") from None
-        matches = {c: rx.match(c) for c in ids}
-        groups = {c: _group_of(m) for c, m in matches.items() if m is not None and _group_of(m)}
+        groups = {c: g for c in ids if (g := _group_of(rx.match(c)))}
     elif isinstance(spec, Mapping):
         groups = {c: str(spec[c]) for c in ids if c in spec and str(spec[c])}
     else:
