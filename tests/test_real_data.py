@@ -183,7 +183,7 @@ def test_mixing_2d_and_3d_members_needs_the_2d_configuration(env):
 # ---------------------------------------------------------------------------------------------- end to end
 def test_png_dataset_end_to_end(env, tmp_path):
     """WBC microscopy (site 1, 88-120 px images of different sizes): PNG in, 2d configuration, PNG out."""
-    raw = import_cases(env, 932, 6)
+    raw = import_cases(env, 932, 5)
     summary = plan_train_predict_evaluate(env, raw, "Collection960_RealPNG", "2d", tmp_path)
     assert set(summary["labels"]) == {"cytoplasm", "nucleus"}
     assert all(c["prediction_file"].endswith(".png") for c in summary["metric_per_case"])
@@ -191,7 +191,7 @@ def test_png_dataset_end_to_end(env, tmp_path):
 
 def test_3d_dataset_end_to_end(env, tmp_path):
     """Hippocampus (T1 MRI, float32 and uint8 images in one dataset): 3d_fullres."""
-    raw = import_cases(env, 923, 6)
+    raw = import_cases(env, 923, 5)
     summary = plan_train_predict_evaluate(env, raw, "Collection961_RealHippo", "3d_fullres", tmp_path)
     assert set(summary["labels"]) == {"Anterior", "Posterior"}
     assert "NSD" in summary["foreground_mean"]
