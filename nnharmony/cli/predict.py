@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from nnharmony.utils.find_class import find_trainer_class
 
-    from nnharmony.inference.predict_folder import default_configuration, model_folder, predict_folder
+    from nnharmony.inference.predict_folder import (check_output_folder, default_configuration, model_folder,
+                                                    predict_folder)
 
     trainer_class = find_trainer_class(args.tr)
     from nnharmony.trainers.nnharmony_trainer import nnHarmonyTrainer
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         args.cfg = default_configuration(args.collection, args.tr, args.p)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("-device cuda was requested but no CUDA device is available; use -device cpu")
+    # before a model is loaded: -i exists, -o is not -i (nor --support) and can be written
+    check_output_folder(args.o, {"-i": args.i, "--support": args.support})
     if hasattr(trainer_class, "predict_from_support"):
         # in-context trainers predict from a support folder instead of a fixed task list
         trainer_class.predict_from_support(args)

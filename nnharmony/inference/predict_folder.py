@@ -1,6 +1,8 @@
 """Predict a folder of cases in nnU-Net's naming (``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``, ...)."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +15,51 @@ from nnharmony.utils.io import save_json_atomic
 
 def model_folder(collection: str, trainer: str, plans: str, configuration: str) -> Path:
     return results_dir() / collection / f"{trainer}__{plans}__{configuration}"
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` are one folder: equal once resolved (symlinks followed), or the same inode (bind mounts)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.is_dir() and b.is_dir() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output_folder(output_folder: str | Path, input_folders: dict[str, str | Path | None] | None = None) -> Path:
+    """Before any prediction: the input folders exist, the output folder is none of them, and it can be written.
+
+    ``input_folders`` maps a name for messages (``"-i"``) to a folder (None: not given). The output folder
+    itself is not created here (a later error leaves nothing behind): its nearest existing ancestor must be a
+    folder in which a file can be created and removed. Output inside an input folder (or the reverse) is
+    allowed: folders are listed without their subfolders, so neither sees the other's files."""
+    out = Path(output_folder)
+    for flag, folder in (input_folders or {}).items():
+        if folder is None:
+            continue
+        folder = Path(folder)
+        if not folder.is_dir():
+            what = "input" if flag in ("-i", "input") else flag.lstrip("-")
+            raise FileNotFoundError(f"{folder}: {what} folder not found")
+        if _same_folder(out, folder):
+            raise ValueError(f"output folder {out} is the input folder ({flag} {folder}): predictions CASE<ending> "
+                             f"would be written among the inputs and taken for input files by the next run; "
+                             f"give another output folder")
+    existing = out
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is not a folder" if existing == out else f"cannot be created: {existing} is not a folder"
+        raise ValueError(f"output folder {out} {what}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".nnharmony_write_test_", dir=existing)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        where = "" if existing == out else f" (cannot create it in {existing})"
+        raise ValueError(f"output folder {out} is not writable{where}: {e.strerror or e}") from None
+    return out
 
 
 def default_configuration(collection: str, trainer: str, plans: str) -> str:
@@ -99,7 +146,11 @@ def resolve_member(spec: CollectionSpec, dataset: str | int | None, supports_aut
 def predict_folder(predictor, input_folder: str | Path, output_folder: str | Path, dataset: str | int | None = None,
                    save_probabilities: bool = False, tasks: Sequence[str] | None = None,
                    overwrite: bool = True) -> dict[str, dict]:
-    """Predict every case of ``input_folder`` into ``output_folder``; returns per-case info (member used)."""
+    """Predict every case of ``input_folder`` into ``output_folder``; returns per-case info (member used).
+
+    Each prediction appears in one rename once complete (:meth:`CollectionPredictor.export`), so with
+    ``overwrite=False`` an interrupted run resumes without accepting a half-written file."""
+    check_output_folder(output_folder, {"input": input_folder})
     spec = predictor.spec
     trainer_class = predictor.trainer_class
     member_index = resolve_member(spec, dataset, getattr(trainer_class, "supports_auto_dataset", False),

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from nnharmony.data.collection import CollectionSpec, Member
+from nnharmony.dataset_conversion.image_integrity import image_file_problem
 from nnharmony.paths import COLLECTION_SPEC_FILE, preprocessed_dir
-from nnharmony.utils.io import load_json
+from nnharmony.utils.io import DiskFullError, disk_nearly_full, is_disk_full_error, load_json
 from nnharmony.utils.labels import sigmoid_label_manager
 
 
@@ -182,17 +183,34 @@ class CollectionPredictor:
         seg, probs = ret if save_probabilities else (ret, None)
         out = Path(output_file_truncated)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmpdir = tempfile.mkdtemp(prefix=".tmp_", dir=out.parent)
+        seg_file = out.parent / (out.name + ctx.member.file_ending)
+        existed = seg_file.exists()
+        tmpdir = None
         try:
+            tmpdir = tempfile.mkdtemp(prefix=".tmp_", dir=out.parent)
             tmp = os.path.join(tmpdir, out.name)
             ctx.plans_manager.image_reader_writer_class().write_seg(seg, tmp + ctx.member.file_ending, props)
             if probs is not None:
                 np.savez_compressed(tmp + ".npz", probabilities=probs)
                 save_pickle(props, tmp + ".pkl")
-            for f in os.listdir(tmpdir):
+            # SimpleITK's NIfTI writer only prints a failed write ("NWAD: wrote only 0 of ... bytes") and leaves
+            # a truncated file that reads back with zeros: check the disk and the file before the rename
+            if disk_nearly_full(tmpdir):
+                raise DiskFullError(seg_file, existed)
+            problem = image_file_problem(tmp + ctx.member.file_ending)
+            if problem:
+                kept = f"previous {seg_file.name} kept" if existed else f"no {seg_file.name} written"
+                raise ValueError(f"{seg_file}: the written prediction is incomplete ({problem}); {kept}")
+            # the segmentation last: once CASE<ending> exists, its .npz/.pkl are complete too
+            for f in sorted(os.listdir(tmpdir), key=lambda n: n == out.name + ctx.member.file_ending):
                 os.replace(os.path.join(tmpdir, f), out.parent / f)
+        except Exception as e:
+            if not isinstance(e, DiskFullError) and is_disk_full_error(e, out.parent):
+                raise DiskFullError(seg_file, existed) from e
+            raise
         finally:
-            shutil.rmtree(tmpdir, ignore_errors=True)
+            if tmpdir is not None:
+                shutil.rmtree(tmpdir, ignore_errors=True)
 
     def predict_case(self, image_files: Sequence[str], member_index: int, output_file_truncated: str,
                      save_probabilities: bool = False, tasks: Sequence[int] | None = None) -> None:

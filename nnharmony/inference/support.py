@@ -430,13 +430,21 @@ def load_universeg_models(model_dir: Path, folds: Sequence[str] | None, checkpoi
 
 
 def list_input_cases(folder: Path) -> dict[str, list[Path]]:
-    """Input cases (nnU-Net naming) of ``folder``: case -> channel files."""
+    """Input cases (nnU-Net naming) of ``folder``: case -> channel files; every file checked complete
+    (:func:`nnharmony.dataset_conversion.image_integrity.image_file_problem`)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: input folder not found")
+    from nnharmony.dataset_conversion.image_integrity import image_file_problem
+
     files = _listing(folder)
     if not files:
         raise SupportError(f"{folder}: no images found (expected nnU-Net naming CASE_0000.nii.gz)")
-    return _images_by_case(files, folder)
+    cases = _images_by_case(files, folder)
+    for f in files:  # truncated/corrupt files would be read with zeros for the missing part
+        why = image_file_problem(f)
+        if why:
+            raise SupportError(f"input image {f}: {why}")
+    return cases
 
 
 def predict_from_support(args, trainer_name: str = "UniverSegTrainer") -> list[Path]:
@@ -461,14 +469,16 @@ def predict_from_support(args, trainer_name: str = "UniverSegTrainer") -> list[P
         raise FileNotFoundError(f"{model_dir}: no trained model" + (f" (trained: {', '.join(have)})" if have else
                                                                       f"; run nnharmony_train {args.collection} "
                                                                       f"{args.cfg} FOLD -tr {args.tr} first"))
+    # ---- folders listed, input files checked complete, before a model is loaded
+    support_dir = Path(args.support)
+    pairs = find_support_pairs(support_dir)
+    cases = list_input_cases(Path(args.i))
     networks, cfg = load_universeg_models(model_dir, args.f, args.chk, device, trainer_name)
     dim, size, in_ch = int(cfg["dim"]), tuple(int(s) for s in cfg["image_size"]), int(cfg.get("in_channels", 1))
 
     # ---- every check before the first prediction
-    support_dir = Path(args.support)
-    examples = read_support_set(find_support_pairs(support_dir), dim, in_ch)
+    examples = read_support_set(pairs, dim, in_ch)
     values, out_value, label_name = resolve_label(args.label, examples, support_dir)
-    cases = list_input_cases(Path(args.i))
     for case, files in cases.items():
         if len(files) > in_ch:
             raise SupportError(f"input case {case} has {len(files)} channels ({', '.join(f.name for f in files)}) but "
