@@ -534,7 +534,7 @@ class HermesUNet(nn.Module):
         if modality_id.numel() and (int(modality_id.min()) < -1 or int(modality_id.max()) >= self.num_modalities):
             raise ValueError(f"modality ids must be in [-1, {self.num_modalities - 1}]")
 
-    def _resolve_condition(self, x, task_ids, modality_id, cond):
+    def _resolve_condition(self, x, task_ids, modality_id, cond, validate: bool = True):
         if cond is not None:
             task_ids = cond.get("task_ids", task_ids) if task_ids is None else task_ids
             modality_id = cond.get("modality_id", modality_id) if modality_id is None else modality_id
@@ -548,15 +548,19 @@ class HermesUNet(nn.Module):
         elif modality_id is None:
             modality_id = torch.full((B,), -1, dtype=torch.long, device=task_ids.device)
         _check_condition(task_ids, modality_id, B)
-        self._validate_ids(task_ids, modality_id)
+        if validate:
+            self._validate_ids(task_ids, modality_id)
         return task_ids, modality_id
 
     # -- forward ------------------------------------------------------------------------------------------
     def forward_with_modality(self, x, *, task_ids=None, modality_id=None, cond=None) -> HermesOutput:
         """Ids may be given on the CPU (as the trainer does): they are checked there and moved to ``x``'s device
         without blocking, so a training step waits for the GPU nowhere in the fusion."""
-        task_ids, modality_id = self._resolve_condition(x, task_ids, modality_id, cond)
-        has_padding = bool((task_ids < 0).any())
+        # under torch.compile nothing may read the ids' values (a graph break per read): the ids are not
+        # range-checked (the trainer builds them) and the padded-task mask is always built (all True: no effect)
+        compiling = torch.compiler.is_compiling()
+        task_ids, modality_id = self._resolve_condition(x, task_ids, modality_id, cond, validate=not compiling)
+        has_padding = True if compiling else bool((task_ids < 0).any())
         task_ids = task_ids.to(x.device, non_blocking=True)
         modality_id = modality_id.to(x.device, non_blocking=True)
         T = task_ids.shape[1]
