@@ -13,7 +13,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "model trained on a collection.")
     p.add_argument("-i", required=True, help="input folder")
     p.add_argument("-o", required=True, help="output folder")
-    p.add_argument("-c", "--collection", required=True)
+    p.add_argument("-c", "--collection", default=None, help="collection of the trained model (required unless "
+                                                             "-pretrained_weights)")
     p.add_argument("-tr", default="nnHarmonyTrainer")
     p.add_argument("-p", default="nnHarmonyPlans")
     p.add_argument("-cfg", default=None,
@@ -31,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-K", "--ensemble", type=int, default=1, help="UniverSeg: number of random support sets")
     p.add_argument("-S", "--support-size", type=int, default=8, help="UniverSeg: support set size")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-pretrained_weights", default=None, metavar="FILE",
+                   help="UniverSeg: segment from --support with this release state dict (or UniverSegTrainer "
+                        "checkpoint), no collection and no training")
     return p
 
 
@@ -38,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     import torch
+
+    if args.pretrained_weights is not None:  # UniverSeg release checkpoint: no collection, no trainer
+        from nnharmony.inference.predict_folder import check_output_folder
+        from nnharmony.inference.support import predict_from_weights_file
+
+        check_output_folder(args.o, {"-i": args.i, "--support": args.support})
+        predict_from_weights_file(args)
+        return
+    if args.collection is None:
+        raise ValueError("-c COLLECTION is required (or -pretrained_weights FILE with --support for UniverSeg)")
 
     from nnharmony.utils.find_class import find_trainer_class
 

@@ -6,6 +6,13 @@ A trained :class:`~nnharmony.trainers.universeg_trainer.UniverSegTrainer` segmen
     nnharmony_predict -i IMAGES -o OUT -c COLLECTION -tr UniverSegTrainer -cfg 2d -f 0 \\
         --support DIR --label 1 -S 8 -K 5 -device cuda
 
+A UniverSeg **release checkpoint** (``universeg_v1_nf64_ss64_STA.pt``, a state dict of the 2D model with encoder
+blocks 64,64,64,64) does the same with no collection and no training (:func:`predict_from_weights_file`; read
+with ``weights_only=True`` and loaded strictly, :func:`universeg_from_weights_file`)::
+
+    nnharmony_predict -i IMAGES -o OUT --support DIR --label 1 -S 16 -K 5 -device cpu \\
+        -pretrained_weights universeg_v1_nf64_ss64_STA.pt
+
 Support folder layouts (:func:`find_support_pairs`):
 
 * nnU-Net raw layout: ``DIR/imagesTr/CASE_0000.nii.gz`` + ``DIR/labelsTr/CASE.nii.gz`` (``DIR`` can be an
@@ -393,11 +400,62 @@ def predict_probabilities(networks: Sequence[torch.nn.Module], image: np.ndarray
 
 
 # ---------------------------------------------------------------------------------------------- models
+#: the released v1 model (``universeg_v1_nf64_ss64_STA.pt``): 2D, four blocks of 64, trained on 128x128 images
+RELEASE_CONFIG: dict[str, Any] = {"dim": 2, "image_size": [128, 128], "in_channels": 1,
+                                  "encoder_blocks": [64, 64, 64, 64], "decoder_blocks": None,
+                                  "cross_nonlinearity": None}
+
+
+def network_from_config(cfg: dict) -> torch.nn.Module:
+    """The UniverSeg network a recorded configuration (checkpoint ``nnharmony.universeg``) describes."""
+    from nnharmony.networks.universeg import UniverSeg
+
+    def blocks(v):
+        return None if v is None else [tuple(b) if isinstance(b, (list, tuple)) else int(b) for b in v]
+
+    return UniverSeg(encoder_blocks=blocks(cfg["encoder_blocks"]), decoder_blocks=blocks(cfg.get("decoder_blocks")),
+                     dim=int(cfg["dim"]), in_channels=int(cfg.get("in_channels", 1)),
+                     cross_nonlinearity=cfg.get("cross_nonlinearity"))
+
+
+def _load_strict(net: torch.nn.Module, content: Any, path: Path, what: str) -> torch.nn.Module:
+    """Weights of ``content`` (read from ``path``) into ``net``; every missing, unexpected or mis-shaped key named."""
+    from nnharmony.utils.safe_load import state_dict_of, weight_mismatches
+
+    state = state_dict_of(content, path)
+    problems = weight_mismatches(net.state_dict(), state)
+    if problems:
+        raise ValueError(f"{path}: does not fit {what} ({'; '.join(problems)})")
+    net.load_state_dict(state, strict=True)
+    return net
+
+
+def universeg_from_weights_file(path: str | Path, device: torch.device | str = "cpu"
+                                ) -> tuple[torch.nn.Module, dict]:
+    """``(network in eval mode, configuration)`` from one weights file, with no collection or training:
+
+    * a UniverSeg release state dict (``universeg_v1_nf64_ss64_STA.pt``): :data:`RELEASE_CONFIG`;
+    * a ``UniverSegTrainer`` checkpoint: the configuration it records (``nnharmony.universeg``).
+
+    Read with ``weights_only=True`` (:mod:`nnharmony.utils.safe_load`), so no code from the file runs; loaded
+    strictly, so a file of another architecture is refused with its mismatching keys named.
+    """
+    from nnharmony.utils.safe_load import read_weights_file
+
+    path = Path(path)
+    content = read_weights_file(path, "UniverSeg weights file")
+    recorded = content.get("nnharmony", {}).get("universeg") if isinstance(content, dict) else None
+    cfg = dict(recorded) if isinstance(recorded, dict) else dict(RELEASE_CONFIG)
+    what = "this checkpoint's recorded UniverSeg" if recorded else \
+        "the UniverSeg release architecture (2D, encoder blocks 64,64,64,64)"
+    net = _load_strict(network_from_config(cfg), content, path, what)
+    return net.to(device).eval(), cfg
+
+
 def load_universeg_models(model_dir: Path, folds: Sequence[str] | None, checkpoint_name: str, device: torch.device,
                           trainer_name: str = "UniverSegTrainer") -> tuple[list[torch.nn.Module], dict]:
     """The networks of ``model_dir/fold_F/checkpoint_name`` (all trained folds when ``folds`` is None) and their
     shared UniverSeg configuration (``checkpoint['nnharmony']['universeg']``)."""
-    from nnharmony.networks.universeg import UniverSeg
     from nnharmony.trainers.checkpoint import load_checkpoint_file
 
     if not model_dir.is_dir():
@@ -418,13 +476,7 @@ def load_universeg_models(model_dir: Path, folds: Sequence[str] | None, checkpoi
         if config is not None and {k: config[k] for k in key} != key:
             raise ValueError(f"{d / checkpoint_name}: network configuration {key} differs from the other folds'")
         config = cfg
-        net = UniverSeg(encoder_blocks=[tuple(b) if isinstance(b, list) else b for b in cfg["encoder_blocks"]],
-                        decoder_blocks=None if cfg.get("decoder_blocks") is None else
-                        [tuple(b) if isinstance(b, list) else b for b in cfg["decoder_blocks"]],
-                        dim=int(cfg["dim"]), in_channels=int(cfg.get("in_channels", 1)),
-                        cross_nonlinearity=cfg.get("cross_nonlinearity"))
-        state = {k[7:] if k.startswith("module.") else k: v for k, v in ckpt["network_weights"].items()}
-        net.load_state_dict(state)
+        net = _load_strict(network_from_config(cfg), ckpt, d / checkpoint_name, "its recorded UniverSeg")
         networks.append(net.to(device).eval())
     return networks, config
 
@@ -447,21 +499,23 @@ def list_input_cases(folder: Path) -> dict[str, list[Path]]:
     return cases
 
 
-def predict_from_support(args, trainer_name: str = "UniverSegTrainer") -> list[Path]:
-    """``nnharmony_predict ... -tr UniverSegTrainer --support DIR``: see the module docstring. Returns the files
-    written."""
-    import SimpleITK as sitk
-
-    from nnharmony.inference.predict_folder import model_folder
-    from nnharmony.utils.io import save_json_atomic
-
+def _check_support_request(args, trainer_name: str) -> tuple[int, int]:
+    """``(K, S)`` of the command line; a support folder is required."""
     if args.support is None:
         raise SupportError(f"{trainer_name} predicts from labelled examples: give --support DIR (imagesTr/ + "
                            f"labelsTr/, or CASE_0000.nii.gz next to CASE.nii.gz)")
     K, S = int(args.ensemble), int(args.support_size)
     if K < 1 or S < 1:
         raise SupportError(f"-K/--ensemble and -S/--support-size must be >= 1, got K={K}, S={S}")
-    device = torch.device(args.device)
+    return K, S
+
+
+def predict_from_support(args, trainer_name: str = "UniverSegTrainer") -> list[Path]:
+    """``nnharmony_predict ... -tr UniverSegTrainer --support DIR``: see the module docstring. Returns the files
+    written."""
+    from nnharmony.inference.predict_folder import model_folder
+
+    _check_support_request(args, trainer_name)
     model_dir = model_folder(args.collection, args.tr, args.p, args.cfg)
     if not model_dir.is_dir():
         parent = model_dir.parent
@@ -469,14 +523,40 @@ def predict_from_support(args, trainer_name: str = "UniverSegTrainer") -> list[P
         raise FileNotFoundError(f"{model_dir}: no trained model" + (f" (trained: {', '.join(have)})" if have else
                                                                       f"; run nnharmony_train {args.collection} "
                                                                       f"{args.cfg} FOLD -tr {args.tr} first"))
-    # ---- folders listed, input files checked complete, before a model is loaded
-    support_dir = Path(args.support)
-    pairs = find_support_pairs(support_dir)
-    cases = list_input_cases(Path(args.i))
-    networks, cfg = load_universeg_models(model_dir, args.f, args.chk, device, trainer_name)
-    dim, size, in_ch = int(cfg["dim"]), tuple(int(s) for s in cfg["image_size"]), int(cfg.get("in_channels", 1))
+    # folders listed and input files checked complete before a model is loaded
+    pairs, cases = find_support_pairs(Path(args.support)), list_input_cases(Path(args.i))
+    networks, cfg = load_universeg_models(model_dir, args.f, args.chk, torch.device(args.device), trainer_name)
+    record = {"trainer": trainer_name, "model_folder": str(model_dir), "checkpoint": args.chk, "folds": args.f,
+              "configuration": args.cfg}
+    return predict_folder_in_context(args, networks, cfg, pairs, cases, record)
 
-    # ---- every check before the first prediction
+
+def predict_from_weights_file(args) -> list[Path]:
+    """``nnharmony_predict -i IN -o OUT --support DIR --label L -pretrained_weights FILE``: segment a folder with a
+    UniverSeg release state dict (or a UniverSegTrainer checkpoint), no collection and no training
+    (:func:`universeg_from_weights_file`). Returns the files written."""
+    _check_support_request(args, "UniverSeg (-pretrained_weights)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("-device cuda was requested but no CUDA device is available; use -device cpu")
+    pairs, cases = find_support_pairs(Path(args.support)), list_input_cases(Path(args.i))
+    net, cfg = universeg_from_weights_file(args.pretrained_weights, torch.device(args.device))
+    record = {"weights_file": str(Path(args.pretrained_weights).resolve())}
+    return predict_folder_in_context(args, [net], cfg, pairs, cases, record)
+
+
+def predict_folder_in_context(args, networks: Sequence[torch.nn.Module], cfg: dict, pairs: Sequence[SupportPair],
+                              cases: dict[str, list[Path]], record: dict) -> list[Path]:
+    """Segment every input case (``args.i``) from the support ``pairs`` with ``networks`` (configuration
+    ``cfg``), write ``args.o``; every check runs before the first prediction. ``record`` says where the model
+    came from in ``universeg_prediction.json``."""
+    import SimpleITK as sitk
+
+    from nnharmony.utils.io import save_json_atomic
+
+    K, S = int(args.ensemble), int(args.support_size)
+    device = torch.device(args.device)
+    dim, size, in_ch = int(cfg["dim"]), tuple(int(s) for s in cfg["image_size"]), int(cfg.get("in_channels", 1))
+    support_dir = Path(args.support)
     examples = read_support_set(pairs, dim, in_ch)
     values, out_value, label_name = resolve_label(args.label, examples, support_dir)
     for case, files in cases.items():
@@ -499,15 +579,13 @@ def predict_from_support(args, trainer_name: str = "UniverSegTrainer") -> list[P
             seg = seg[None]
         out = sitk.GetImageFromArray(seg)
         out.CopyInformation(ref)
-        ending = file_ending(files[0].name)
-        target = out_dir / f"{case}{ending}"
+        target = out_dir / f"{case}{file_ending(files[0].name)}"
         sitk.WriteImage(out, str(target), True)
         written.append(target)
         if getattr(args, "save_probabilities", False):
             np.savez_compressed(out_dir / f"{case}.npz", probabilities=np.stack([1 - prob, prob]).astype(np.float32))
     save_json_atomic({
-        "trainer": trainer_name, "model_folder": str(model_dir), "checkpoint": args.chk, "folds": args.f,
-        "configuration": args.cfg, "support_folder": str(support_dir), "support_cases": [e.case for e in examples],
+        **record, "support_folder": str(support_dir), "support_cases": [e.case for e in examples],
         "support_pool_size": len(pool), "label": label_name, "label_values": list(values), "output_value": out_value,
         "support_size": S, "ensemble": K, "seed": int(args.seed), "network": cfg,
     }, out_dir / "universeg_prediction.json")
@@ -537,5 +615,6 @@ __all__ = [
     "SupportError", "SupportPair", "SupportExample", "SupportPool", "find_support_pairs", "read_support_set",
     "resolve_label", "check_image_file", "read_image", "slicing_axis", "build_support_pool", "prepare_images",
     "predict_probabilities", "predict_cases_in_memory", "load_universeg_models", "list_input_cases",
-    "predict_from_support", "dice",
+    "predict_from_support", "predict_from_weights_file", "predict_folder_in_context", "universeg_from_weights_file",
+    "network_from_config", "RELEASE_CONFIG", "dice",
 ]
