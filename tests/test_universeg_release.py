@@ -123,10 +123,8 @@ def test_wrong_weights_files_are_refused_with_keys_named(reference, tmp_path, ca
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_without_collection_or_weights_file_says_what_is_needed(reference, tmp_path, capsys):
-    support, inputs = _folders(reference, tmp_path)
-    _fails(["-i", str(inputs), "-o", str(tmp_path / "out"), "--support", str(support), "-device", "cpu"], capsys,
-           "-c COLLECTION is required (or -pretrained_weights FILE")
+def test_weights_file_without_support_folder_says_what_is_needed(reference, tmp_path, capsys):
+    _, inputs = _folders(reference, tmp_path)
     _fails(["-i", str(inputs), "-o", str(tmp_path / "out"), "-device", "cpu", "-pretrained_weights", str(WEIGHTS)],
            capsys, "give --support DIR")
 
