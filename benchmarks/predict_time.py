@@ -4,7 +4,7 @@ nnU-Net model of the same member, on the same cases and device. Prints a Markdow
 Every command is timed end to end as a user runs it (process start, preprocessing, sliding window with
 mirroring, export), so the per-case time includes a share of the start-up; use ``--cases`` to dilute it.
 ``nnUNetv2_predict`` runs twice: with its defaults (3 preprocessing and 3 export worker processes) and with
-``-npp 1 -nps 1``, which is how ``nnharmony_predict`` works (one process, cases one after the other).
+``-npp 1 -nps 1``; ``nnharmony_predict`` runs with the same defaults as ``nnUNetv2_predict`` (``-npp``/``-nps``).
 Models are trained for a token budget: weights do not change what inference costs.
 
     python benchmarks/predict_time.py                                    # synthetic collection, temp folder, CPU
@@ -89,8 +89,8 @@ def main() -> None:
         cmd += ["-c", args.configuration, "-f", "0", "-tr", BUDGET_TRAINER] + dev
     for trainer in args.trainers:
         commands[f"nnharmony_predict -tr {trainer}"] = (
-            ["nnharmony_predict", "-c", collection, "-cfg", args.configuration, "-f", "0", "-tr", trainer,
-             "--dataset", str(member.dataset_id)] + dev, None)
+            ["nnharmony_predict", "-d", collection, "-c", args.configuration, "-f", "0", "-tr", trainer,
+             "--member", str(member.dataset_id)] + dev, None)
 
     rows = []
     for i, (name, (cmd, cmd_env)) in enumerate(commands.items()):

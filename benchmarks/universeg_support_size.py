@@ -12,7 +12,7 @@ Markdown table; not a test.
    foreground label of the member: UniverSeg predicts from supports drawn from the member's fold-0 TRAINING
    cases (the same cases the supervised model trained on; :mod:`nnharmony.inference.support`, slice-by-slice
    for the 2d model) for S in ``--support-sizes`` with K = 1 and K = ``--ensemble`` support sets, averaged over
-   ``--repeats`` seeds; the supervised model predicts with ``nnharmony_predict --dataset H``. Dice per case
+   ``--repeats`` seeds; the supervised model predicts with ``nnharmony_predict --member H``. Dice per case
    and label (thresholded maps vs the raw label), mean over cases (cases where both are empty are left out),
    then over labels.
 
@@ -175,8 +175,8 @@ def main(argv=None) -> None:
         target = sup_in / f"{c}_0000{fe}"
         if not target.exists():
             os.symlink(raw / "imagesTr" / f"{c}_0000{fe}", target)
-    run([sys.executable, "-m", "nnharmony.cli.predict", "-i", str(sup_in), "-o", str(sup_out), "-c", SUPERVISED,
-         "-tr", "nnHarmonyTrainer", "-cfg", args.configuration, "-f", "0", "--dataset", str(args.holdout),
+    run([sys.executable, "-m", "nnharmony.cli.predict", "-i", str(sup_in), "-o", str(sup_out), "-d", SUPERVISED,
+         "-tr", "nnHarmonyTrainer", "-c", args.configuration, "-f", "0", "--member", str(args.holdout),
          "-device", args.device], "supervised prediction")
     per_label = {}
     for t in member.tasks:

@@ -5,10 +5,15 @@ import os
 from pathlib import Path
 
 
+class PathNotSetError(RuntimeError, ValueError):
+    """An nnU-Net folder variable is not set. A RuntimeError as nnU-Net's own, and a ValueError so that the
+    commands print it as one line."""
+
+
 def _env_dir(var: str) -> Path:
     value = os.environ.get(var)
     if not value:
-        raise RuntimeError(
+        raise PathNotSetError(
             f"${var} is not set. nnharmony uses nnU-Net's folders: export nnUNet_raw, "
             f"nnUNet_preprocessed and nnUNet_results (see nnU-Net's setting_up_paths.md)."
         )
@@ -62,3 +67,30 @@ def find_dataset_folder(dataset_id: int | str, root: Path | None = None) -> Path
     if len(matches) > 1:
         raise ValueError(f"dataset {did}: several folders match in {root}: {[m.name for m in matches]}")
     return matches[0]
+
+
+#: collections are named like nnU-Net's datasets, ``CollectionXXX_Name``, so that ``XXX`` can be typed instead
+COLLECTION_PREFIX = "Collection"
+
+
+def collection_candidates(identifier: int | str, roots: list[Path]) -> list[str]:
+    """Folder names ``CollectionXXX_*`` of collection id ``identifier`` in ``roots`` (as nnU-Net's
+    ``find_candidate_datasets`` for ``DatasetXXX_*``)."""
+    pattern = f"{COLLECTION_PREFIX}{int(identifier):03d}_*"
+    return sorted({p.name for root in roots if root.is_dir() for p in root.glob(pattern) if p.is_dir()})
+
+
+def resolve_collection_name(name_or_id: int | str) -> str:
+    """A collection's name from its name or its id (``900`` or ``"900"`` -> ``Collection900_Synth``), looked up
+    in ``$nnUNet_preprocessed`` and, where set, ``$nnUNet_results``; a name is returned unchanged."""
+    text = str(name_or_id)
+    if not text.isdigit():
+        return text
+    roots = [preprocessed_dir()] + ([results_dir()] if os.environ.get("nnUNet_results") else [])
+    found = collection_candidates(int(text), roots)
+    if len(found) == 1:
+        return found[0]
+    where = " or ".join(f"${r}" for r in ("nnUNet_preprocessed", "nnUNet_results")[:len(roots)])
+    if not found:
+        raise FileNotFoundError(f"collection id {text}: no folder {COLLECTION_PREFIX}{int(text):03d}_* in {where}")
+    raise ValueError(f"collection id {text}: several folders match in {where}: {found}; give the name")

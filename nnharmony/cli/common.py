@@ -1,28 +1,123 @@
 """Shared helpers of the command-line entry points."""
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
 import sys
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
+
+
+#: errors that describe bad input; anything else is a bug and says so
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def _wants_traceback(argv: Iterable[str] | None) -> bool:
+    """``--verbose`` on the command line or ``NNHARMONY_DEBUG`` set: show the traceback instead of one line."""
+    return bool(os.environ.get("NNHARMONY_DEBUG")) or "--verbose" in (sys.argv[1:] if argv is None else argv)
 
 
 def exit_on_user_error(main: Callable) -> Callable:
-    """Turn the errors that describe bad input (ValueError, FileNotFoundError) into one clear line
-    on stderr and exit status 2, instead of a traceback. ``NNHARMONY_DEBUG=1`` shows the traceback."""
+    """Every error of a command becomes one line on stderr (exit status 2 for bad input, 1 for anything else)
+    instead of a traceback; ``--verbose`` or ``NNHARMONY_DEBUG=1`` shows the traceback."""
 
     @functools.wraps(main)
-    def wrapper(*args, **kwargs):
+    def wrapper(argv: list[str] | None = None, *args, **kwargs):
         try:
-            return main(*args, **kwargs)
-        except (ValueError, FileNotFoundError) as e:
-            if os.environ.get("NNHARMONY_DEBUG"):
+            return main(argv, *args, **kwargs)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        except Exception as e:  # noqa: BLE001 -- the point: no traceback for the user
+            if _wants_traceback(argv):
                 raise
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            if isinstance(e, USER_ERRORS):
+                print(f"error: {e}", file=sys.stderr)
+                sys.exit(2)
+            print(f"error: {type(e).__name__}: {e} (--verbose or NNHARMONY_DEBUG=1 shows the traceback)",
+                  file=sys.stderr)
+            sys.exit(1)
 
     return wrapper
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's help ends with its default; the examples of the epilog keep their lines."""
+
+
+def make_parser(prog: str, description: str, examples: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """An argument parser as every nnharmony command has it: no abbreviated long options (``-d`` must never
+    be read as ``-device``), defaults in ``-h``, and examples that run as printed."""
+    epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples) if examples else None
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, formatter_class=HelpFormatter,
+                                   allow_abbrev=False)
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of a flag, kept for one release: it stores into the new flag's ``dest`` and says so."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated and will be removed in the next release; use {self.new}",
+              file=sys.stderr)
+        setattr(namespace, self.dest, True if self.nargs == 0 else values)
+
+
+def add_deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str, dest: str, **kwargs) -> None:
+    """``old`` keeps working as ``new`` (hidden from ``-h``) with a one-line deprecation warning."""
+    parser.add_argument(old, dest=dest, action=_DeprecatedAlias, new=new, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS, **kwargs)
+
+
+def add_collection_flags(parser: argparse.ArgumentParser, collection_help: str, default_configuration: str | None,
+                         configuration_help: str) -> None:
+    """``-d COLLECTION`` (name or id) and ``-c CONFIGURATION`` as nnU-Net's ``-d``/``-c``; the spellings of the
+    previous release (``-c``/``--collection`` for the collection, ``-cfg`` for the configuration) are kept for
+    one release (:func:`apply_old_collection_flags`)."""
+    parser.add_argument("-d", dest="collection", default=None,
+                        help=f"{collection_help}: name (Collection900_Synth) or id (900); required")
+    parser.add_argument("-c", dest="cfg", default=default_configuration, help=configuration_help)
+    add_deprecated_alias(parser, "--collection", "-d COLLECTION", "collection")
+    add_deprecated_alias(parser, "-cfg", "-c CONFIGURATION", "old_cfg")
+
+
+def apply_old_collection_flags(args: argparse.Namespace, collection_exists: Callable[[str], object],
+                               default_configuration: str | None = None) -> None:
+    """Before this release ``-c`` was the collection and ``-cfg`` the configuration: ``-c NAME [-cfg CONFIG]``
+    without ``-d`` keeps working for one release, with a warning. ``collection_exists`` raises for a value that
+    names no collection (then ``-c`` is a configuration and the missing ``-d`` is refused)."""
+    old_cfg = getattr(args, "old_cfg", None)
+    if args.collection is None and args.cfg not in (None, default_configuration) or (
+            args.collection is None and old_cfg is not None):
+        if old_cfg is None:
+            try:
+                collection_exists(args.cfg)
+            except (FileNotFoundError, ValueError):
+                return
+        print(f"warning: -c {args.cfg} as the collection is deprecated and will be removed in the next release; "
+              f"-c is the configuration, as in nnU-Net: use -d {args.cfg} -c CONFIGURATION", file=sys.stderr)
+        args.collection, args.cfg = args.cfg, default_configuration
+    if old_cfg is not None:
+        if args.cfg not in (None, default_configuration):
+            raise ValueError(f"-c {args.cfg} and -cfg {old_cfg} both give the configuration; give only -c")
+        args.cfg = old_cfg
+    if args.collection is None:
+        raise ValueError("-d COLLECTION is required (name or id)")
+
+
+def parse_fold(value: str) -> int | str:
+    """nnU-Net's fold argument: an integer or ``all``."""
+    if value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"fold must be an integer (0-4 for nnU-Net's 5-fold split) or 'all', "
+                                         f"got {value!r}") from None
 
 
 def parse_key_value_pairs(items: Iterable[str], flag: str) -> dict[str, str]:

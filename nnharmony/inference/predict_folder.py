@@ -1,16 +1,19 @@
 """Predict a folder of cases in nnU-Net's naming (``CASE_0000.nii.gz``, ``CASE_0001.nii.gz``, ...)."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import tempfile
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from tqdm import tqdm
 
 from nnharmony.data.collection import CollectionSpec
 from nnharmony.paths import results_dir
-from nnharmony.utils.io import save_json_atomic
+from nnharmony.utils.io import load_json, save_json_atomic
 
 
 def model_folder(collection: str, trainer: str, plans: str, configuration: str) -> Path:
@@ -143,13 +146,117 @@ def resolve_member(spec: CollectionSpec, dataset: str | int | None, supports_aut
     return spec.member_index(key)
 
 
+def select_part(cases: dict[str, list[str]], num_parts: int, part_id: int) -> dict[str, list[str]]:
+    """The cases of part ``part_id`` of ``num_parts`` (``-num_parts``/``-part_id``): every ``num_parts``-th case of
+    the sorted list starting at ``part_id``, as nnUNetv2_predict splits its input."""
+    names = sorted(cases)[part_id::num_parts]
+    return {c: cases[c] for c in names}
+
+
+def is_predicted(output_folder: Path, case: str, endings: set[str], save_probabilities: bool) -> bool:
+    """A complete prediction of ``case`` exists (``--continue_prediction``): the segmentation is renamed into place
+    last, so it exists only once it and its probabilities are complete."""
+    if save_probabilities and not (output_folder / f"{case}.npz").is_file():
+        return False
+    return any((output_folder / (case + e)).is_file() for e in endings)
+
+
+def _spawn_pool(num_processes: int) -> ProcessPoolExecutor | None:
+    """Worker processes (spawned, as nnU-Net's, so that no forked torch state is shared); None for 0."""
+    return ProcessPoolExecutor(num_processes, mp_context=multiprocessing.get_context("spawn")) if num_processes else None
+
+
+def _preprocessed(predictor, items: list[tuple[str, list[str], int | None]],
+                  num_processes: int) -> Iterator[tuple[str, list[str], int, dict, "torch.Tensor", dict]]:
+    """(case, files, member, member inference details, data, properties) in input order; with ``num_processes`` > 0 worker processes
+    preprocess up to two cases per worker ahead of the network (nnU-Net's ``-npp``). Cases of unknown member
+    (``--member auto``) are preprocessed here, by the member inference."""
+    import torch
+
+    from nnharmony.inference.predictor import preprocess_case
+
+    if not num_processes or any(idx is None for _, _, idx in items):
+        for case, files, idx in items:
+            idx, extra = predictor.trainer_class.infer_member(predictor, files) if idx is None else (idx, {})
+            data, props = predictor.preprocess(files, predictor.member_context(idx))
+            yield case, files, idx, extra, data, props
+        return
+    pool = _spawn_pool(num_processes)
+    try:
+        pending: deque = deque()
+        queue = iter(items)
+        for case, files, idx in queue:
+            pending.append((case, files, idx, pool.submit(preprocess_case, files, predictor.member_context(idx),
+                                                          predictor.spec.num_modalities)))
+            if len(pending) >= 2 * num_processes:
+                break
+        while pending:
+            case, files, idx, future = pending.popleft()
+            nxt = next(queue, None)
+            if nxt is not None:
+                pending.append((*nxt, pool.submit(preprocess_case, nxt[1], predictor.member_context(nxt[2]),
+                                                  predictor.spec.num_modalities)))
+            data, props = future.result()
+            yield case, files, idx, {}, torch.from_numpy(data), props
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+class _Exporter:
+    """Resampling and writing of predictions, in this process or in ``num_processes`` workers (nnU-Net's
+    ``-nps``); at most two exports per worker wait, so memory stays bounded when the network is faster."""
+
+    def __init__(self, predictor, num_processes: int):
+        self.predictor = predictor
+        self.limit = 2 * num_processes
+        self.pool = _spawn_pool(num_processes)
+        self.pending: deque = deque()
+
+    def submit(self, logits, props: dict, idx: int, output_file_truncated: str, save_probabilities: bool,
+               task_ids: list[int] | None) -> None:
+        ctx = self.predictor.member_context(idx)
+        if self.pool is None:
+            self.predictor.export(logits, props, ctx, output_file_truncated, save_probabilities, task_ids)
+            return
+        from nnharmony.inference.predictor import export_case
+
+        while len(self.pending) >= self.limit:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(export_case, logits.cpu(), props, ctx, output_file_truncated,
+                                             save_probabilities, task_ids))
+
+    def close(self) -> None:
+        """Wait for every export (an export's error is raised here) and stop the workers."""
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(cancel_futures=True)
+
+
+def _task_ids(spec: CollectionSpec, tasks: Sequence[str] | None) -> list[int] | None:
+    if not tasks:
+        return None
+    unknown = [t for t in tasks if t not in spec.tasks]
+    if unknown:
+        raise ValueError(f"--tasks: {unknown} are not tasks of collection {spec.name} ({spec.tasks})")
+    return [spec.tasks.index(t) for t in tasks]
+
+
 def predict_folder(predictor, input_folder: str | Path, output_folder: str | Path, dataset: str | int | None = None,
                    save_probabilities: bool = False, tasks: Sequence[str] | None = None,
-                   overwrite: bool = True) -> dict[str, dict]:
-    """Predict every case of ``input_folder`` into ``output_folder``; returns per-case info (member used).
+                   overwrite: bool = True, num_parts: int = 1, part_id: int = 0,
+                   num_processes_preprocessing: int = 0, num_processes_export: int = 0,
+                   progress_bar: bool = True, record: dict | None = None) -> dict[str, dict]:
+    """Predict every case of ``input_folder`` (or of part ``part_id`` of ``num_parts``) into ``output_folder``;
+    returns per-case info (member used) of the cases predicted by this call.
 
-    Each prediction appears in one rename once complete (:meth:`CollectionPredictor.export`), so with
-    ``overwrite=False`` an interrupted run resumes without accepting a half-written file."""
+    Each prediction appears in one rename once complete (:func:`nnharmony.inference.predictor.export_case`), so
+    with ``overwrite=False`` (``--continue_prediction``) an interrupted run resumes without accepting a
+    half-written file. ``record`` goes into ``predict_args.json`` with the model files used."""
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise ValueError(f"-part_id must be in 0..{num_parts - 1} for -num_parts {num_parts}, got {part_id}")
     check_output_folder(output_folder, {"input": input_folder})
     spec = predictor.spec
     trainer_class = predictor.trainer_class
@@ -159,12 +266,7 @@ def predict_folder(predictor, input_folder: str | Path, output_folder: str | Pat
         cases = list_cases(input_folder, spec.members[member_index].file_ending)
     else:
         cases = list_cases_any_ending(input_folder, sorted({m.file_ending for m in spec.members}))
-    task_ids = None
-    if tasks:
-        unknown = [t for t in tasks if t not in spec.tasks]
-        if unknown:
-            raise ValueError(f"--tasks: {unknown} are not tasks of collection {spec.name} ({spec.tasks})")
-        task_ids = [spec.tasks.index(t) for t in tasks]
+    task_ids = _task_ids(spec, tasks)
     if member_index is not None:
         n = len(spec.members[member_index].channels)
         bad = {c: len(f) for c, f in cases.items() if len(f) != n}
@@ -174,21 +276,36 @@ def predict_folder(predictor, input_folder: str | Path, output_folder: str | Pat
                              f"{spec.members[member_index].dataset_name} expects {n} ({spec.members[member_index].channels})")
     out = Path(output_folder)
     out.mkdir(parents=True, exist_ok=True)
-    info: dict[str, dict] = {}
     out_endings = ({spec.members[member_index].file_ending} if member_index is not None
                    else {m.file_ending for m in spec.members})
-    for case, files in tqdm(cases.items(), desc="predicting", unit="case"):
-        if not overwrite and any((out / (case + e)).is_file() for e in out_endings):
-            continue
-        if member_index is None:
-            idx, extra = trainer_class.infer_member(predictor, files)
-        else:
-            idx, extra = member_index, {}
-        predictor.predict_case(files, idx, str(out / case), save_probabilities, task_ids)
-        info[case] = {"dataset": spec.members[idx].dataset_name, "domain": spec.members[idx].domain, **extra}
+    part = select_part(cases, num_parts, part_id)
+    todo = [(c, f, member_index) for c, f in part.items()
+            if overwrite or not is_predicted(out, c, out_endings, save_probabilities)]
+    where = f" (part {part_id} of {num_parts}: {len(part)} of {len(cases)} cases)" if num_parts > 1 else ""
+    done = f", {len(part) - len(todo)} already predicted (--continue_prediction)" if not overwrite else ""
+    print(f"{len(todo)} case(s) to predict{where}{done}")
+    info: dict[str, dict] = {}
+    # a worker overlaps one case with another: never more workers than cases after the first (each costs an import
+    # of torch and nnU-Net)
+    exporter = _Exporter(predictor, max(0, min(num_processes_export, len(todo) - 1)))
+    try:
+        bar = tqdm(total=len(todo), desc="predicting", unit="case", disable=not progress_bar)
+        for case, files, idx, extra, data, props in _preprocessed(predictor, todo,
+                                                                  max(0, min(num_processes_preprocessing, len(todo) - 1))):
+            logits = predictor.predict_logits(data, idx)
+            exporter.submit(logits, props, idx, str(out / case), save_probabilities, task_ids)
+            info[case] = {"dataset": spec.members[idx].dataset_name, "domain": spec.members[idx].domain, **extra}
+            bar.update()
+        bar.close()
+    finally:
+        exporter.close()
     if member_index is None:
-        save_json_atomic(info, out / "predicted_datasets.json")
-    save_json_atomic({"collection": spec.name, "trainer": trainer_class.__name__,
+        previous = load_json(out / "predicted_datasets.json") if (out / "predicted_datasets.json").is_file() else {}
+        save_json_atomic({**previous, **info}, out / "predicted_datasets.json")
+    save_json_atomic({**(record or {}), "collection": spec.name, "trainer": trainer_class.__name__,
+                      "configuration": predictor.configuration,
                       "dataset": dataset if dataset is not None else spec.members[0].dataset_name,
-                      "tasks": list(tasks) if tasks else None}, out / "predict_args.json")
+                      "tasks": list(tasks) if tasks else None, "model_files": list(predictor.checkpoint_files),
+                      "num_parts": num_parts, "part_id": part_id},
+                     out / ("predict_args.json" if num_parts == 1 else f"predict_args_part{part_id}.json"))
     return info

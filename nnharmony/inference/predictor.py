@@ -62,6 +62,8 @@ class CollectionPredictor:
     use_mirroring: bool = True
     inference_allowed_mirroring_axes: tuple | None = None
     verbose: bool = False
+    #: the checkpoint files the parameters were read from (recorded in predict_args.json)
+    checkpoint_files: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -103,9 +105,10 @@ class CollectionPredictor:
             folds = sorted(p.name[len("fold_"):] for p in model_folder.glob("fold_*") if (p / checkpoint_name).is_file())
             if not folds:
                 raise FileNotFoundError(f"{model_folder}: no fold_*/{checkpoint_name}; train first")
-        params, trainer_name, configuration, mirror_axes = [], None, None, None
+        params, trainer_name, configuration, mirror_axes, files = [], None, None, None, []
         for f in folds:
             ckpt_file = model_folder / f"fold_{f}" / checkpoint_name
+            files.append(str(ckpt_file.resolve()))
             ckpt = load_checkpoint_file(ckpt_file, expected_collection=spec)
             if trainer_name not in (None, ckpt["trainer_name"]):
                 raise ValueError(f"{ckpt_file}: folds were trained with different trainers")
@@ -116,7 +119,8 @@ class CollectionPredictor:
         trainer_class = find_trainer_class(trainer_name)
         dev = torch.device(device) if isinstance(device, str) else device
         return cls(spec, joint, configuration, trainer_class, params, dev,
-                   inference_allowed_mirroring_axes=tuple(mirror_axes) if mirror_axes is not None else None, **kwargs)
+                   inference_allowed_mirroring_axes=tuple(mirror_axes) if mirror_axes is not None else None,
+                   checkpoint_files=files, **kwargs)
 
     # ------------------------------------------------------------------ per member
     def member_context(self, member_index: int) -> MemberContext:
@@ -134,19 +138,8 @@ class CollectionPredictor:
 
     def preprocess(self, image_files: Sequence[str], ctx: MemberContext) -> tuple[torch.Tensor, dict]:
         """Member preprocessing (nnU-Net's own), then the collection channel layout."""
-        n_expected = len(ctx.member.channels)
-        if len(image_files) != n_expected:
-            raise ValueError(
-                f"case {Path(image_files[0]).name}: {len(image_files)} channel file(s) but dataset "
-                f"{ctx.member.dataset_name} has {n_expected} channels {ctx.member.channels}"
-            )
-        preprocessor = ctx.configuration_manager.preprocessor_class(verbose=False)
-        data, _, props = preprocessor.run_case(list(image_files), None, ctx.plans_manager, ctx.configuration_manager,
-                                               ctx.dataset_json)
-        full = np.zeros((self.spec.num_modalities, *data.shape[1:]), dtype=np.float32)
-        for ch, slot in enumerate(ctx.slots):
-            full[slot] = data[ch]
-        return torch.from_numpy(full), props
+        data, props = preprocess_case(image_files, ctx, self.spec.num_modalities)
+        return torch.from_numpy(data), props
 
     def set_condition(self, member_index: int | None) -> None:
         cond = {} if member_index is None else self.trainer_class.inference_condition(self.spec, member_index)
@@ -164,53 +157,8 @@ class CollectionPredictor:
 
     def export(self, logits: torch.Tensor, props: dict, ctx: MemberContext, output_file_truncated: str,
                save_probabilities: bool = False, tasks: Sequence[int] | None = None) -> None:
-        """Write the member's label map (and probabilities) atomically."""
-        from batchgenerators.utilities.file_and_folder_operations import save_pickle
-        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
-
-        member_logits = logits[ctx.task_ids]
-        if tasks is not None:
-            keep = [i for i, t in enumerate(ctx.task_ids) if t in set(tasks)]
-            if not keep:
-                raise ValueError(f"none of the requested tasks is annotated by {ctx.member.dataset_name}")
-            # unrequested tasks are switched off by giving them zero probability
-            selected = torch.full_like(member_logits, -1e4)
-            selected[keep] = member_logits[keep]
-            member_logits = selected
-        ret = convert_predicted_logits_to_segmentation_with_correct_shape(
-            member_logits.float(), ctx.plans_manager, ctx.configuration_manager,
-            sigmoid_label_manager(ctx.region_dataset_json), props, return_probabilities=save_probabilities)
-        seg, probs = ret if save_probabilities else (ret, None)
-        out = Path(output_file_truncated)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        seg_file = out.parent / (out.name + ctx.member.file_ending)
-        existed = seg_file.exists()
-        tmpdir = None
-        try:
-            tmpdir = tempfile.mkdtemp(prefix=".tmp_", dir=out.parent)
-            tmp = os.path.join(tmpdir, out.name)
-            ctx.plans_manager.image_reader_writer_class().write_seg(seg, tmp + ctx.member.file_ending, props)
-            if probs is not None:
-                np.savez_compressed(tmp + ".npz", probabilities=probs)
-                save_pickle(props, tmp + ".pkl")
-            # SimpleITK's NIfTI writer only prints a failed write ("NWAD: wrote only 0 of ... bytes") and leaves
-            # a truncated file that reads back with zeros: check the disk and the file before the rename
-            if disk_nearly_full(tmpdir):
-                raise DiskFullError(seg_file, existed)
-            problem = image_file_problem(tmp + ctx.member.file_ending)
-            if problem:
-                kept = f"previous {seg_file.name} kept" if existed else f"no {seg_file.name} written"
-                raise ValueError(f"{seg_file}: the written prediction is incomplete ({problem}); {kept}")
-            # the segmentation last: once CASE<ending> exists, its .npz/.pkl are complete too
-            for f in sorted(os.listdir(tmpdir), key=lambda n: n == out.name + ctx.member.file_ending):
-                os.replace(os.path.join(tmpdir, f), out.parent / f)
-        except Exception as e:
-            if not isinstance(e, DiskFullError) and is_disk_full_error(e, out.parent):
-                raise DiskFullError(seg_file, existed) from e
-            raise
-        finally:
-            if tmpdir is not None:
-                shutil.rmtree(tmpdir, ignore_errors=True)
+        """Write the member's label map (and probabilities) atomically (:func:`export_case`)."""
+        export_case(logits, props, ctx, output_file_truncated, save_probabilities, tasks)
 
     def predict_case(self, image_files: Sequence[str], member_index: int, output_file_truncated: str,
                      save_probabilities: bool = False, tasks: Sequence[int] | None = None) -> None:
@@ -218,3 +166,73 @@ class CollectionPredictor:
         data, props = self.preprocess(image_files, ctx)
         logits = self.predict_logits(data, member_index)
         self.export(logits, props, ctx, output_file_truncated, save_probabilities, tasks)
+
+
+def preprocess_case(image_files: Sequence[str], ctx: MemberContext, num_modalities: int) -> tuple[np.ndarray, dict]:
+    """Member preprocessing (nnU-Net's own preprocessor with the member's plans), then the collection's channel
+    layout (absent modalities zero). Module-level so that ``-npp`` worker processes can run it."""
+    n_expected = len(ctx.member.channels)
+    if len(image_files) != n_expected:
+        raise ValueError(
+            f"case {Path(image_files[0]).name}: {len(image_files)} channel file(s) but dataset "
+            f"{ctx.member.dataset_name} has {n_expected} channels {ctx.member.channels}"
+        )
+    preprocessor = ctx.configuration_manager.preprocessor_class(verbose=False)
+    data, _, props = preprocessor.run_case(list(image_files), None, ctx.plans_manager, ctx.configuration_manager,
+                                           ctx.dataset_json)
+    full = np.zeros((num_modalities, *data.shape[1:]), dtype=np.float32)
+    for ch, slot in enumerate(ctx.slots):
+        full[slot] = data[ch]
+    return full, props
+
+
+def export_case(logits: torch.Tensor, props: dict, ctx: MemberContext, output_file_truncated: str,
+                save_probabilities: bool = False, tasks: Sequence[int] | None = None) -> None:
+    """Write the member's label map (and probabilities) atomically. Module-level so that ``-nps`` worker
+    processes can run it."""
+    from batchgenerators.utilities.file_and_folder_operations import save_pickle
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+    member_logits = logits[ctx.task_ids]
+    if tasks is not None:
+        keep = [i for i, t in enumerate(ctx.task_ids) if t in set(tasks)]
+        if not keep:
+            raise ValueError(f"none of the requested tasks is annotated by {ctx.member.dataset_name}")
+        # unrequested tasks are switched off by giving them zero probability
+        selected = torch.full_like(member_logits, -1e4)
+        selected[keep] = member_logits[keep]
+        member_logits = selected
+    ret = convert_predicted_logits_to_segmentation_with_correct_shape(
+        member_logits.float(), ctx.plans_manager, ctx.configuration_manager,
+        sigmoid_label_manager(ctx.region_dataset_json), props, return_probabilities=save_probabilities)
+    seg, probs = ret if save_probabilities else (ret, None)
+    out = Path(output_file_truncated)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seg_file = out.parent / (out.name + ctx.member.file_ending)
+    existed = seg_file.exists()
+    tmpdir = None
+    try:
+        tmpdir = tempfile.mkdtemp(prefix=".tmp_", dir=out.parent)
+        tmp = os.path.join(tmpdir, out.name)
+        ctx.plans_manager.image_reader_writer_class().write_seg(seg, tmp + ctx.member.file_ending, props)
+        if probs is not None:
+            np.savez_compressed(tmp + ".npz", probabilities=probs)
+            save_pickle(props, tmp + ".pkl")
+        # SimpleITK's NIfTI writer only prints a failed write ("NWAD: wrote only 0 of ... bytes") and leaves
+        # a truncated file that reads back with zeros: check the disk and the file before the rename
+        if disk_nearly_full(tmpdir):
+            raise DiskFullError(seg_file, existed)
+        problem = image_file_problem(tmp + ctx.member.file_ending)
+        if problem:
+            kept = f"previous {seg_file.name} kept" if existed else f"no {seg_file.name} written"
+            raise ValueError(f"{seg_file}: the written prediction is incomplete ({problem}); {kept}")
+        # the segmentation last: once CASE<ending> exists, its .npz/.pkl are complete too
+        for f in sorted(os.listdir(tmpdir), key=lambda n: n == out.name + ctx.member.file_ending):
+            os.replace(os.path.join(tmpdir, f), out.parent / f)
+    except Exception as e:
+        if not isinstance(e, DiskFullError) and is_disk_full_error(e, out.parent):
+            raise DiskFullError(seg_file, existed) from e
+        raise
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)

@@ -32,6 +32,7 @@ class TrainingOptions:
     num_gpus: int = 1
     continue_training: bool = False
     validation_only: bool = False
+    val_best: bool = False
     epochs: int | None = None
     iterations_per_epoch: int | None = None
     val_iterations_per_epoch: int | None = None
@@ -83,7 +84,7 @@ def _maybe_load(trainer, opts: TrainingOptions) -> None:
     """nnU-Net's ``maybe_load_checkpoint`` (``--c``, ``--val``, ``-pretrained_weights``) for every paradigm, with
     every file read by :func:`nnharmony.utils.safe_load.read_weights_file` -- nnU-Net's own loaders unpickle
     with ``weights_only=False``, which runs code from the file."""
-    from nnharmony.utils.safe_load import load_weights_into, read_weights_file
+    from nnharmony.utils.safe_load import load_weights_into
 
     if opts.continue_training and opts.pretrained_weights is not None:
         raise ValueError("--c (continue training) and -pretrained_weights exclude each other: a continued training "
@@ -108,12 +109,18 @@ def _maybe_load(trainer, opts: TrainingOptions) -> None:
         print(f"pretrained weights: {len(keys)} tensors loaded from {opts.pretrained_weights} (output layers "
               f"{', '.join(PRETRAINED_SKIP)} not transferred)")
     if checkpoint_file is not None:
-        from nnharmony.trainers.nnharmony_trainer import nnHarmonyTrainer
+        _load_checkpoint(trainer, checkpoint_file)
 
-        if isinstance(trainer, nnHarmonyTrainer):  # reads safely and checks the file's collection and trainer
-            trainer.load_checkpoint(checkpoint_file)
-        else:  # plain nnU-Net trainer (per-dataset paradigm): its own loader would unpickle the path unsafely
-            trainer.load_checkpoint(read_weights_file(checkpoint_file, "checkpoint", map_location=trainer.device))
+
+def _load_checkpoint(trainer, checkpoint_file: str) -> None:
+    """Load a checkpoint of this training into ``trainer``, read by the safe loader."""
+    from nnharmony.trainers.nnharmony_trainer import nnHarmonyTrainer
+    from nnharmony.utils.safe_load import read_weights_file
+
+    if isinstance(trainer, nnHarmonyTrainer):  # reads safely and checks the file's collection and trainer
+        trainer.load_checkpoint(checkpoint_file)
+    else:  # plain nnU-Net trainer (per-dataset paradigm): its own loader would unpickle the path unsafely
+        trainer.load_checkpoint(read_weights_file(checkpoint_file, "checkpoint", map_location=trainer.device))
 
 
 def _run_one(trainer, opts: TrainingOptions) -> None:
@@ -121,6 +128,11 @@ def _run_one(trainer, opts: TrainingOptions) -> None:
     _maybe_load(trainer, opts)
     if not opts.validation_only:
         trainer.run_training()
+    if opts.val_best:  # nnUNetv2_train --val_best: validate the best checkpoint instead of the final weights
+        best = os.path.join(trainer.output_folder, "checkpoint_best.pth")
+        if not os.path.isfile(best):
+            raise FileNotFoundError(f"{best}: --val_best needs the best checkpoint of this training")
+        _load_checkpoint(trainer, best)
     trainer.perform_actual_validation(opts.npz)
 
 

@@ -1,0 +1,216 @@
+"""nnU-Net's flags mean what they mean in nnU-Net (issue 21): parsing, old spellings, fast failures before
+torch/nnU-Net are imported, and prediction resume, parts and worker processes on the synthetic collection."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nnharmony.cli import predict as predict_cli
+from nnharmony.cli import train as train_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+def test_predict_flags_parse_as_in_nnunet():
+    args = predict_cli.build_parser().parse_args(
+        ["-i", "in", "-o", "out", "-d", "900", "-c", "2d", "-f", "0", "1", "-chk", "checkpoint_best.pth",
+         "-step_size", "0.7", "--disable_tta", "--save_probabilities", "--continue_prediction", "-npp", "0",
+         "-nps", "1", "-num_parts", "3", "-part_id", "2", "--verbose", "-device", "cpu", "--member", "902"])
+    assert (args.collection, args.cfg, args.f, args.chk, args.step_size) == ("900", "2d", ["0", "1"],
+                                                                             "checkpoint_best.pth", 0.7)
+    assert args.disable_tta and args.save_probabilities and args.continue_prediction and args.verbose
+    assert (args.npp, args.nps, args.num_parts, args.part_id, args.device, args.member) == (0, 1, 3, 2, "cpu", "902")
+
+
+@pytest.mark.parametrize("argv", [["-part", "0"], ["-dev", "cpu"], ["--continue"], ["--save_prob"]])
+def test_no_abbreviations(argv, capsys):
+    """-part_id was read as '-p art_id' and '-d 902' as '-device 902': long options are never abbreviated."""
+    with pytest.raises(SystemExit):
+        predict_cli.build_parser().parse_args(["-i", "in", "-o", "out", "-d", "900", *argv])
+
+
+def test_old_spellings_keep_working_with_a_warning(capsys):
+    args = predict_cli.build_parser().parse_args(
+        ["-i", "in", "-o", "out", "--collection", "C", "-cfg", "2d", "--dataset", "902"])
+    assert (args.collection, args.old_cfg, args.member) == ("C", "2d", "902")
+    err = capsys.readouterr().err
+    for old, new in (("--collection", "-d COLLECTION"), ("-cfg", "-c CONFIGURATION"), ("--dataset", "--member")):
+        assert f"warning: {old} is deprecated" in err and f"use {new}" in err
+
+
+def test_train_fold_and_val_best():
+    args = train_cli.build_parser().parse_args(["900", "3d_fullres", "all", "--val_best"])
+    assert args.fold == "all" and args.val_best
+    assert train_cli.build_parser().parse_args(["900", "2d", "3"]).fold == 3
+    with pytest.raises(SystemExit):
+        train_cli.build_parser().parse_args(["900", "2d", "three"])
+
+
+@pytest.mark.parametrize("parser", [predict_cli.build_parser, train_cli.build_parser])
+def test_every_flag_has_help_with_default(parser):
+    for action in parser()._actions:
+        if action.help == "==SUPPRESS==" or action.dest == "help":
+            continue
+        assert action.help, action.option_strings
+
+
+# ---------------------------------------------------------------------------------------------- fail fast
+@pytest.fixture
+def fake_planned(tmp_path):
+    """nnU-Net folders with one planned collection (spec and joint plans only: enough for the name checks)."""
+    env = {k: tmp_path / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for v in env.values():
+        v.mkdir()
+    coll = env["nnUNet_preprocessed"] / "Collection950_Fake"
+    coll.mkdir()
+    (coll / "collection.json").write_text(json.dumps({"name": "Collection950_Fake", "members": [
+        {"dataset_id": 951, "dataset_name": "Dataset951_A"}]}))
+    (coll / "nnHarmonyPlans.json").write_text(json.dumps({"configurations": {"3d_fullres": {}, "2d": {}}}))
+    return {k: str(v) for k, v in env.items()}
+
+
+def _run_main(module: str, argv: list[str], env: dict) -> subprocess.CompletedProcess:
+    """``module.main(argv)`` in a fresh interpreter; prints which heavy modules were imported when it exited."""
+    code = (f"import sys\nfrom nnharmony.cli import {module} as m\ntry:\n    m.main({argv!r})\nfinally:\n"
+            f"    print('IMPORTED', 'nnunetv2' in sys.modules, 'torch' in sys.modules)")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_") and k != "NNHARMONY_DEBUG"}
+    return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+
+
+@pytest.mark.parametrize("module,argv,message", [
+    ("train", ["950", "3d_fullres", "0", "-tr", "nnHarmonyTrainr"], "Close matches: nnHarmonyTrainer"),
+    ("train", ["Collection950_Fak", "3d_fullres", "0"], "Close matches: Collection950_Fake"),
+    ("train", ["951", "3d_fullres", "0"], "951 is the id of dataset Dataset951_A, a member of Collection950_Fake"),
+    ("train", ["950", "3d_fulres", "0"], "Close matches: 3d_fullres"),
+    ("train", ["950", "3d_fullres", "0", "-p", "nnHarmonyPlan"], "Close matches: nnHarmonyPlans"),
+    ("predict", ["-i", "x", "-o", "y", "-d", "950", "-tr", "UHarmonyTrainr"], "no trained model in $nnUNet_results"),
+])
+def test_wrong_names_fail_before_nnunet_is_imported(fake_planned, module, argv, message):
+    r = _run_main(module, argv, fake_planned)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "IMPORTED False False" in r.stdout
+
+
+@pytest.mark.parametrize("unset", ["nnUNet_results", "nnUNet_preprocessed"])
+def test_unset_folder_variable_is_one_line(fake_planned, unset):
+    env = {k: v for k, v in fake_planned.items() if k != unset}
+    r = _run_main("train", ["950", "3d_fullres", "0"], env)
+    assert r.returncode == 2 and f"${unset} is not set" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "IMPORTED False False" in r.stdout
+
+
+def test_verbose_shows_the_traceback(fake_planned):
+    r = _run_main("train", ["950", "3d_fullres", "0", "-tr", "nnHarmonyTrainr", "--verbose"], fake_planned)
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_collection_id_resolves(fake_planned, monkeypatch):
+    from nnharmony.cli import preflight
+
+    for k, v in fake_planned.items():
+        monkeypatch.setenv(k, v)
+    assert preflight.planned_collection("950") == "Collection950_Fake"
+    assert preflight.planned_collection("Collection950_Fake") == "Collection950_Fake"
+    with pytest.raises(FileNotFoundError, match="no folder Collection949_"):
+        preflight.planned_collection("949")
+
+
+def test_trainer_names_read_from_source_match_the_lookup():
+    """The source scan of the fast check knows every trainer the import-based lookup finds in nnharmony."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    import nnharmony.trainers
+    from nnharmony.cli.preflight import trainer_names
+    from nnharmony.utils.find_class import _classes_in
+
+    assert set(_classes_in(nnharmony.trainers, nnUNetTrainer)) <= trainer_names()
+
+
+# ---------------------------------------------------------------------------------------------- prediction
+@pytest.fixture(scope="module")
+def quick_model(synthetic_collection):
+    name = synthetic_collection["name"]
+    train_cli.main(["900", "3d_fullres", "0", "-tr", "nnHarmonyTrainer", "-device", "cpu", "--epochs", "1",
+                    "--iterations-per-epoch", "1", "--val-iterations-per-epoch", "1"])
+    return Path(synthetic_collection["nnUNet_results"]) / name / "nnHarmonyTrainer__nnHarmonyPlans__3d_fullres"
+
+
+def _input_folder(collection, dest: Path, n: int = 3) -> list[str]:
+    import shutil
+
+    raw = collection["raw_folders"][0]
+    cases = sorted({f.name[:-len("_0000.nii.gz")] for f in (raw / "imagesTr").glob("*_0000.nii.gz")})[:n]
+    dest.mkdir(parents=True, exist_ok=True)
+    for c in cases:
+        shutil.copy(raw / "imagesTr" / f"{c}_0000.nii.gz", dest / f"{c}_0000.nii.gz")
+    return cases
+
+
+def _predict(collection, inp: Path, out: Path, *extra: str) -> None:
+    member = str(collection["spec"].members[0].dataset_id)
+    predict_cli.main(["-i", str(inp), "-o", str(out), "-d", "900", "-c", "3d_fullres", "-f", "0", "--member", member,
+                      "-device", "cpu", "--disable_tta", "--disable_progress_bar", *extra])
+
+
+def test_continue_prediction_resumes(quick_model, synthetic_collection, tmp_path, capsys):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    cases = _input_folder(synthetic_collection, inp)
+    _predict(synthetic_collection, inp, out, "-npp", "0", "-nps", "0")
+    files = {c: out / f"{c}.nii.gz" for c in cases}
+    assert all(f.is_file() for f in files.values())
+    files[cases[1]].unlink()  # an interrupted run: one case missing
+    before = {c: f.stat().st_mtime_ns for c, f in files.items() if f.exists()}
+    capsys.readouterr()
+    _predict(synthetic_collection, inp, out, "-npp", "0", "-nps", "0", "--continue_prediction")
+    assert "1 case(s) to predict, 2 already predicted (--continue_prediction)" in capsys.readouterr().out
+    assert files[cases[1]].is_file()
+    assert {c: files[c].stat().st_mtime_ns for c in before} == before  # the others were not rewritten
+    record = json.loads((out / "predict_args.json").read_text())
+    assert record["arguments"]["continue_prediction"] is True and record["arguments"]["collection"] == \
+        synthetic_collection["name"]
+    assert record["model_files"] == [str((quick_model / "fold_0" / "checkpoint_final.pth").resolve())]
+
+
+def test_parts_split_the_folder(quick_model, synthetic_collection, tmp_path):
+    inp = tmp_path / "in"
+    cases = _input_folder(synthetic_collection, inp)
+    for part in (0, 1):
+        _predict(synthetic_collection, inp, tmp_path / f"part{part}", "-npp", "0", "-nps", "0", "-num_parts", "2",
+                 "-part_id", str(part))
+    got = [sorted(p.name[:-len(".nii.gz")] for p in (tmp_path / f"part{k}").glob("*.nii.gz")) for k in (0, 1)]
+    assert got == [cases[0::2], cases[1::2]]
+    with pytest.raises(SystemExit):
+        _predict(synthetic_collection, inp, tmp_path / "bad", "-num_parts", "2", "-part_id", "2")
+
+
+def test_worker_processes_give_the_same_prediction(quick_model, synthetic_collection, tmp_path):
+    """-npp/-nps > 0 (spawned workers preprocess and export) writes what the single process writes."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    inp = tmp_path / "in"
+    cases = _input_folder(synthetic_collection, inp)
+    _predict(synthetic_collection, inp, tmp_path / "seq", "-npp", "0", "-nps", "0")
+    _predict(synthetic_collection, inp, tmp_path / "par", "-npp", "1", "-nps", "1")
+    for c in cases:
+        a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / d / f"{c}.nii.gz"))) for d in ("seq", "par"))
+        assert np.array_equal(a, b), c
+
+
+def test_old_collection_flag_still_predicts(quick_model, synthetic_collection, tmp_path, capsys):
+    inp = tmp_path / "in"
+    cases = _input_folder(synthetic_collection, inp, n=1)
+    member = str(synthetic_collection["spec"].members[0].dataset_id)
+    predict_cli.main(["-i", str(inp), "-o", str(tmp_path / "o"), "-c", synthetic_collection["name"], "-cfg",
+                      "3d_fullres", "--dataset", member, "-device", "cpu", "--disable_tta", "-npp", "0", "-nps", "0"])
+    assert (tmp_path / "o" / f"{cases[0]}.nii.gz").is_file()
+    assert "-c is the configuration, as in nnU-Net: use -d" in capsys.readouterr().err
