@@ -106,7 +106,7 @@ def apply_old_collection_flags(args: argparse.Namespace, collection_exists: Call
             raise ValueError(f"-c {args.cfg} and -cfg {old_cfg} both give the configuration; give only -c")
         args.cfg = old_cfg
     if args.collection is None:
-        raise ValueError("-d COLLECTION is required (name or id)")
+        raise ValueError("-d COLLECTION is required (the collection's name or id)")
 
 
 def parse_fold(value: str) -> int | str:

@@ -14,18 +14,21 @@ Writes ``summary.json``, ``results.md`` and ``results.csv`` into OUT (default PR
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from nnharmony.cli.common import exit_on_user_error
+from nnharmony.cli.common import exit_on_user_error, make_parser
 
 PIXEL_SPACING_ENDINGS = (".png", ".bmp", ".jpg", ".jpeg")  # nnU-Net's natural-image reader: spacing 1 per pixel
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="nnharmony_evaluate",
-        description="Per-member, per-label Dice (nnU-Net's metrics) and normalized surface Dice of predicted "
-                    "segmentations; writes summary.json, results.md and results.csv.")
+    p = make_parser(
+        "nnharmony_evaluate",
+        "Per-member, per-label Dice (nnU-Net's metrics) and normalized surface Dice of predicted "
+        "segmentations; writes summary.json, results.md and results.csv.",
+        ("nnharmony_evaluate -ref $nnUNet_raw/Dataset902_SynthMRI/labelsTs -pred pred902 -d 902 -o eval902",
+         "nnharmony_evaluate -pred pred_all -c Collection900_Synth --nsd-tolerance 1"))
     p.add_argument("-ref", default=None,
                    help="reference folder (-d: default $nnUNet_raw/DatasetXXX/labelsTr; -c: reference root holding "
                         "DatasetXXX_Name/labelsTr or DatasetXXX_Name/, default $nnUNet_raw)")
@@ -37,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("-l", "--labels", default=None, help="dataset.json or JSON dict of label name -> value/region")
     p.add_argument("--nsd-tolerance", type=float, default=None, metavar="MM",
                    help="also compute the normalized surface Dice at this tolerance in mm")
-    p.add_argument("-o", default=None, help="output folder (default: PRED)")
-    p.add_argument("-np", type=int, default=2, help="worker processes (default 2; 1 = no worker processes)")
+    p.add_argument("-o", default=None, help="output folder (None: PRED)")
+    p.add_argument("--verbose", action="store_true", help="full tracebacks on errors")
+    p.add_argument("-np", type=int, default=2, help="worker processes (1 = no worker processes)")
     p.add_argument("--file-ending", default=None,
                    help="-l: file ending of the segmentations (default: the labels file's, else .nii.gz)")
     p.add_argument("--method", default=None, help="method name shown in the table and CSV")
@@ -75,6 +79,33 @@ def _resolve_spec_path(collection: str) -> Path:
     return spec_path
 
 
+def check_references_match(reference_folder: Path, dataset_folder: Path, labels: dict) -> None:
+    """References inside another raw dataset (``DatasetYYY/labelsTr``) whose labels differ from ``-d``'s would be
+    scored under the wrong names (902's kidney as 901's spleen): refuse, naming the dataset to give."""
+    if reference_folder.name not in ("labelsTr", "labelsTs"):
+        return
+    owner = reference_folder.resolve().parent
+    if owner == dataset_folder.resolve() or not (owner / "dataset.json").is_file():
+        return
+    from nnharmony.utils.io import load_json
+
+    theirs = load_json(owner / "dataset.json").get("labels")
+    if theirs != labels:
+        raise ValueError(f"{reference_folder}: references of {owner.name}, whose labels {theirs} differ from "
+                         f"{dataset_folder.name}'s {labels}; evaluate with -d {owner.name}")
+
+
+def warn_unpredicted(summary: dict, name: str) -> None:
+    """One line when reference cases have no prediction: they are not in the means (summary.json lists them)."""
+    missing = summary.get("references_without_prediction") or []
+    if missing:
+        n = len(summary.get("metric_per_case", []))
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        print(f"warning: {name}: {len(missing)} of {len(missing) + n} reference case(s) have no prediction and are "
+              f"not evaluated (n = {n}): {shown} (listed in summary.json under references_without_prediction)",
+              file=sys.stderr)
+
+
 def _run(args: argparse.Namespace) -> str:
     from nnharmony.evaluation.evaluate import (evaluate_collection, evaluate_folder, format_table, summary_rows,
                                                write_tables)
@@ -92,6 +123,8 @@ def _run(args: argparse.Namespace) -> str:
                                      nsd_tolerance_mm=args.nsd_tolerance, num_processes=args.np, output_folder=out,
                                      method=args.method)
         table = format_table(result["rows"], nsd=args.nsd_tolerance is not None or None)
+        for member, member_summary in result.get("members", {}).items():
+            warn_unpredicted(member_summary, member)
         skipped = result["members_without_predictions"]
         if skipped:
             print(f"members without predictions (not evaluated): {', '.join(skipped)}")
@@ -105,6 +138,7 @@ def _run(args: argparse.Namespace) -> str:
                 raise ValueError(f"{folder / 'dataset.json'}: no 'labels' dict")
             labels, file_ending, name = dj["labels"], dj.get("file_ending", ".nii.gz"), folder.name
             ref = args.ref if args.ref is not None else folder / "labelsTr"
+            check_references_match(Path(ref), folder, labels)
         else:
             if args.ref is None:
                 raise ValueError("-ref is required with -l (the folder of reference segmentations)")
@@ -118,6 +152,7 @@ def _run(args: argparse.Namespace) -> str:
         summary = evaluate_folder(ref, args.pred, labels, file_ending=file_ending,
                                   nsd_tolerance_mm=args.nsd_tolerance, num_processes=args.np, output_folder=out,
                                   member_name=name)
+        warn_unpredicted(summary, name)
         rows = summary_rows(summary, labels, member=name, method=args.method)
         table = write_tables(rows, out, title=f"Evaluation of {name}" + (f" ({args.method})" if args.method else ""),
                              nsd_tolerance_mm=args.nsd_tolerance)

@@ -94,7 +94,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         bad = [f for f in args.f if f != "all" and not f.isdigit()]
         if bad:
             raise ValueError(f"-f: folds are integers or 'all', got {bad}")
-    if args.support is None and not getattr(args, "pretrained_weights", None):  # in-context: its own checks
+    if args.support is None:  # in-context models (--support) are checked by their own predictor
         preflight.check_trained_model(args.collection, args.tr, args.p, args.cfg, args.f, args.chk)
 
 

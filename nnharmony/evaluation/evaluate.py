@@ -13,12 +13,13 @@ One folder -- :func:`evaluate_folder`
                               "reference_file": ..}],
          "nsd": {"tolerance_mm": 1.0, "mean": {"1": ..}, "foreground_mean": ..},   # only with a tolerance
          "labels": {"liver": "1", "tumour_and_liver": "(1, 2)"},                  # name -> key used above
+         "references_without_prediction": ["case_007.nii.gz", ..],               # not evaluated
          "member": "Dataset901_A", "file_ending": ".nii.gz",
          "reference_folder": .., "prediction_folder": ..}
 
     Every prediction file (``*file_ending`` directly in the folder) needs a reference file of the same name
     with the same geometry (size, spacing, origin, direction); reference cases without a prediction are not
-    evaluated (nnU-Net's ``chill``).
+    evaluated (nnU-Net's ``chill``) and are listed in ``references_without_prediction``.
 
 A collection -- :func:`evaluate_collection`
     The prediction folder is organised either
@@ -321,6 +322,8 @@ def evaluate_folder(reference_folder: str | os.PathLike, prediction_folder: str 
     if nsd_tolerance_mm is not None:
         _add_nsd(result, regions, rw, float(nsd_tolerance_mm), ignore_label, num_processes)
     result["labels"] = {n: _key(v) for n, v in named}
+    # reference cases nobody predicted are not in the means: say which, so n is never silently smaller
+    result["references_without_prediction"] = sorted(set(_files(ref_dir, file_ending)) - set(preds))
     result["member"] = member_name
     result["file_ending"] = file_ending
     result["reference_folder"] = str(ref_dir)
