@@ -83,7 +83,7 @@ def val_cases(name: str, configuration: str) -> list[str]:
     return collection_fold(spec, 0, configuration)[0][1]
 
 
-def plan_train_predict_evaluate(env, raw: Path, collection: str, configuration: str, tmp: Path) -> dict:
+def plan_train_predict_evaluate(raw: Path, collection: str, configuration: str, tmp: Path) -> dict:
     """The user's path on one imported dataset; returns the evaluation summary."""
     from nnharmony.cli import evaluate as evaluate_cli
     from nnharmony.cli import plan_and_preprocess as plan_cli
@@ -184,7 +184,7 @@ def test_mixing_2d_and_3d_members_needs_the_2d_configuration(env):
 def test_png_dataset_end_to_end(env, tmp_path):
     """WBC microscopy (site 1, 88-120 px images of different sizes): PNG in, 2d configuration, PNG out."""
     raw = import_cases(env, 932, 5)
-    summary = plan_train_predict_evaluate(env, raw, "Collection960_RealPNG", "2d", tmp_path)
+    summary = plan_train_predict_evaluate(raw, "Collection960_RealPNG", "2d", tmp_path)
     assert set(summary["labels"]) == {"cytoplasm", "nucleus"}
     assert all(c["prediction_file"].endswith(".png") for c in summary["metric_per_case"])
 
@@ -192,7 +192,7 @@ def test_png_dataset_end_to_end(env, tmp_path):
 def test_3d_dataset_end_to_end(env, tmp_path):
     """Hippocampus (T1 MRI, float32 and uint8 images in one dataset): 3d_fullres."""
     raw = import_cases(env, 923, 5)
-    summary = plan_train_predict_evaluate(env, raw, "Collection961_RealHippo", "3d_fullres", tmp_path)
+    summary = plan_train_predict_evaluate(raw, "Collection961_RealHippo", "3d_fullres", tmp_path)
     assert set(summary["labels"]) == {"Anterior", "Posterior"}
     assert "NSD" in summary["foreground_mean"]
 
