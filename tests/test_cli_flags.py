@@ -214,3 +214,78 @@ def test_old_collection_flag_still_predicts(quick_model, synthetic_collection, t
                       "3d_fullres", "--dataset", member, "-device", "cpu", "--disable_tta", "-npp", "0", "-nps", "0"])
     assert (tmp_path / "o" / f"{cases[0]}.nii.gz").is_file()
     assert "-c is the configuration, as in nnU-Net: use -d" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- training log
+def test_training_log_names_members_and_tasks(quick_model, synthetic_collection):
+    """The epoch log has per-task and per-member pseudo Dice with names and plain floats, the members' splits
+    and sampling weights, time left; progress_members.png has one curve per member."""
+    fold = quick_model / "fold_0"
+    log = "\n".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    spec = synthetic_collection["spec"]
+    assert "np.float" not in log
+    assert "members (fold 0): training / validation cases, probability of being sampled" in log
+    for m in spec.members:
+        assert f"  {m.dataset_name}: " in log and " cases, p = " in log
+    assert "Pseudo dice " + spec.tasks[0] + " " in log
+    assert "left)" in log and "final validation: " in log
+    history = json.loads((fold / "progress_members.json").read_text())
+    assert len(history) == 1 and set(history[0]) <= {m.dataset_name for m in spec.members}
+    assert (fold / "progress_members.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def _raw_dataset(root: Path, name: str, labels: dict, cases: int) -> Path:
+    import numpy as np
+    import SimpleITK as sitk
+
+    folder = root / name
+    (folder / "labelsTr").mkdir(parents=True)
+    (folder / "dataset.json").write_text(json.dumps({"labels": labels, "file_ending": ".nii.gz",
+                                                     "channel_names": {"0": "CT"}, "numTraining": cases}))
+    for i in range(cases):
+        arr = np.zeros((4, 8, 8), np.uint8)
+        arr[1:3, 2:6, 2:6] = 1
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(folder / "labelsTr" / f"c{i}.nii.gz"))
+    return folder
+
+
+def test_evaluation_warns_about_unpredicted_and_refuses_other_labels(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from nnharmony.cli import evaluate as evaluate_cli
+
+    raw = tmp_path / "raw"
+    _raw_dataset(raw, "Dataset961_A", {"background": 0, "liver": 1, "spleen": 2}, 4)
+    b = _raw_dataset(raw, "Dataset962_B", {"background": 0, "kidney": 1}, 4)
+    monkeypatch.setenv("nnUNet_raw", str(raw))
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    shutil.copy(b / "labelsTr" / "c0.nii.gz", pred / "c0.nii.gz")
+    with pytest.raises(SystemExit):  # 962's kidney would be scored as 961's liver
+        evaluate_cli.main(["-ref", str(b / "labelsTr"), "-pred", str(pred), "-d", "961", "-np", "1"])
+    assert "references of Dataset962_B" in capsys.readouterr().err and not (pred / "summary.json").exists()
+    evaluate_cli.main(["-pred", str(pred), "-d", "962", "-np", "1"])
+    err = capsys.readouterr().err
+    assert "warning: Dataset962_B: 3 of 4 reference case(s) have no prediction" in err and "(n = 1)" in err
+    summary = json.loads((pred / "summary.json").read_text())
+    assert summary["references_without_prediction"] == ["c1.nii.gz", "c2.nii.gz", "c3.nii.gz"]
+
+
+# ---------------------------------------------------------------------------------------------- plain nnU-Net
+def test_nnunetv2_train_with_a_collection_trainer_says_what_works(tmp_path):
+    """``nnUNetv2_train 901 3d_fullres 0 -tr nnHarmonyTrainer`` (a member's own plans) fails with a sentence
+    naming nnharmony_train, not with KeyError 'regions_class_order'."""
+    from nnharmony.trainers.nnharmony_trainer import nnHarmonyTrainer
+
+    plans = {"dataset_name": "Dataset901_SynthCT", "plans_name": "nnUNetPlans", "configurations": {}}
+    with pytest.raises(ValueError, match="nnHarmonyTrainer trains a collection: the plans 'nnUNetPlans' of "
+                                         "'Dataset901_SynthCT' are not a collection's joint plans. Train it with "
+                                         "nnharmony_train"):
+        nnHarmonyTrainer(plans, "3d_fullres", 0, {"labels": {"background": 0, "a": 1}}, torch_device())
+
+
+def torch_device():
+    import torch
+
+    return torch.device("cpu")

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from os.path import join
 from typing import Any
 
+import numpy as np
 import torch
 from torch import autocast, distributed as dist
 
@@ -28,6 +30,7 @@ from nnunetv2.utilities.helpers import dummy_context, empty_cache
 
 from nnharmony.data.collection import CollectionSpec
 from nnharmony.paths import COLLECTION_SPEC_FILE, preprocessed_dir
+from nnharmony.trainers import progress
 from nnharmony.trainers.checkpoint import load_checkpoint_file, save_trainer_checkpoint
 from nnharmony.utils.labels import sigmoid_label_manager
 from nnharmony.trainers.losses import PartialLabelLoss, nnunet_deep_supervision_weights
@@ -41,6 +44,7 @@ class nnHarmonyTrainer(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        check_joint_plans(type(self).__name__, plans)
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.is_ddp:
             # nnU-Net uses cuda:<global rank> under DDP; keep the caller's device (cuda:<LOCAL_RANK> across nodes,
@@ -60,6 +64,9 @@ class nnHarmonyTrainer(nnUNetTrainer):
         #: stop after the epoch in which this many minutes of training have passed (None: epochs decide)
         self.wall_clock_budget_minutes: float | None = None
         self._train_start_time: float | None = None
+        #: per epoch ``{member: {task: pseudo Dice}}`` (``progress_members.json``/``.png``)
+        self.member_pseudo_dice: list[dict] = []
+        self._epoch_durations: list[float] = []
         # the preprocessed data live in the members' folders; point nnU-Net at the first one for its dataset class
         first = self.spec.members[0]
         member_cfg = self.plans_manager.plans["nnharmony"]["member_plans"][str(first.dataset_id)]["configurations"][
@@ -163,6 +170,9 @@ class nnHarmonyTrainer(nnUNetTrainer):
         os.makedirs(self.output_folder, exist_ok=True)
         self.set_deep_supervision_enabled(self.enable_deep_supervision)
         self.print_plans()
+        for line in progress.describe_members(self.spec, self.fold, self.dataloader_train, self.dataloader_val):
+            self.print_to_log_file(line)
+        self._load_member_progress()
         empty_cache(self.device)
         if self.local_rank == 0:
             from nnharmony.utils.io import save_json_atomic
@@ -177,8 +187,6 @@ class nnHarmonyTrainer(nnUNetTrainer):
 
     def run_training(self):
         """nnU-Net's loop, but re-reading ``num_epochs`` every epoch so a wall-clock budget can end it."""
-        import time
-
         self.on_train_start()
         self._train_start_time = time.time()
         while self.current_epoch < self.num_epochs:
@@ -245,12 +253,91 @@ class nnHarmonyTrainer(nnUNetTrainer):
         mask = mask.reshape(*mask.shape, *([1] * (output.ndim - 2))).float()
         pred = (torch.sigmoid(output.float()) > 0.5).float() * mask
         tgt = target.float() * mask
-        axes = [0] + list(range(2, output.ndim))
-        tp = (pred * tgt).sum(axes)
+        axes = list(range(2, output.ndim))
+        tp = (pred * tgt).sum(axes)  # (B, T)
         fp = (pred * (1 - tgt)).sum(axes)
         fn = ((1 - pred) * tgt).sum(axes)
-        return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp.cpu().numpy(), "fp_hard": fp.cpu().numpy(),
-                "fn_hard": fn.cpu().numpy()}
+        return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp.sum(0).cpu().numpy(),
+                "fp_hard": fp.sum(0).cpu().numpy(), "fn_hard": fn.sum(0).cpu().numpy(),
+                **self.member_counts(batch, tp, fp, fn)}
+
+    # ------------------------------------------------------------------ logging per member and task
+    def member_counts(self, batch: dict, tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> dict:
+        """Per-sample (B, T) pseudo Dice counts summed per member into (K, T): a ``validation_step`` that adds
+        these to its output gets per-member pseudo Dice in the log and in ``progress_members.png``."""
+        ids = batch["dataset_id"].to(tp.device).long().reshape(-1)
+        k = len(self.spec.members)
+
+        def by_member(v: torch.Tensor) -> np.ndarray:
+            return torch.zeros((k, v.shape[1]), dtype=v.dtype, device=v.device).index_add_(0, ids, v).cpu().numpy()
+
+        return dict(zip(progress.MEMBER_COUNT_KEYS, (by_member(tp), by_member(fp), by_member(fn))))
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]):
+        """nnU-Net's pooled pseudo Dice, then the same per member (when the step gave per-member counts)."""
+        per_member = [[o.pop(key, None) for o in val_outputs] for key in progress.MEMBER_COUNT_KEYS]
+        super().on_validation_epoch_end(val_outputs)
+        if not val_outputs or any(c is None for counts in per_member for c in counts):
+            return
+        sums = [np.sum(counts, 0) for counts in per_member]
+        if self.is_ddp:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, sums)
+            sums = [np.sum([g[i] for g in gathered], 0) for i in range(len(sums))]
+        del self.member_pseudo_dice[self.current_epoch:]
+        self.member_pseudo_dice += [{}] * (self.current_epoch - len(self.member_pseudo_dice))
+        self.member_pseudo_dice.append(progress.member_task_dice(self.spec, *sums))
+
+    def on_epoch_end(self):
+        """nnU-Net's epoch end (checkpoints, best EMA, progress.png) with readable lines: pseudo Dice per task
+        and per member with names, plain floats, time left; plus ``progress_members.png``."""
+        self.logger.log("epoch_end_timestamps", time.time(), self.current_epoch)
+        get = self.logger.get_value
+        self.print_to_log_file(f"train_loss {progress.fmt(get('train_losses', step=-1))}")
+        self.print_to_log_file(f"val_loss {progress.fmt(get('val_losses', step=-1))}")
+        self.print_to_log_file("Pseudo dice " + progress.named_values(self.spec.tasks,
+                                                                     get("dice_per_class_or_region", step=-1)))
+        this_epoch = self.member_pseudo_dice[self.current_epoch] if len(self.member_pseudo_dice) > \
+            self.current_epoch else {}
+        for member, per_task in this_epoch.items():
+            self.print_to_log_file(f"  {member}: {progress.named_values(list(per_task), per_task.values())}")
+        duration = get("epoch_end_timestamps", step=-1) - get("epoch_start_timestamps", step=-1)
+        self._epoch_durations.append(duration)
+        elapsed = time.time() - self._train_start_time if self._train_start_time else None
+        self.print_to_log_file(f"Epoch time: {duration:.2f} s ("
+                               f"{progress.time_left(self._epoch_durations, self.current_epoch + 1, self.num_epochs, self.wall_clock_budget_minutes, elapsed)})")
+        if (self.current_epoch + 1) % self.save_every == 0 and self.current_epoch != (self.num_epochs - 1):
+            self.save_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
+        if self._best_ema is None or get("ema_fg_dice", step=-1) > self._best_ema:
+            self._best_ema = get("ema_fg_dice", step=-1)
+            self.print_to_log_file(f"Yayy! New best EMA pseudo Dice: {progress.fmt(self._best_ema)}")
+            self.save_checkpoint(join(self.output_folder, "checkpoint_best.pth"))
+        if self.local_rank == 0:
+            self.logger.plot_progress_png(self.output_folder)
+            self._save_member_progress()
+        self.current_epoch += 1
+
+    def _save_member_progress(self) -> None:
+        if not self.member_pseudo_dice:
+            return
+        from nnharmony.utils.io import save_json_atomic
+
+        save_json_atomic(self.member_pseudo_dice, join(self.output_folder, progress.MEMBER_PROGRESS_FILE))
+        try:
+            progress.plot_member_progress(self.spec, self.member_pseudo_dice, self.output_folder)
+        except Exception as e:  # noqa: BLE001 -- a figure must never stop a training
+            self.print_to_log_file(f"{progress.MEMBER_PROGRESS_PLOT} not drawn: {e}")
+
+    def _load_member_progress(self) -> None:
+        """A continued training (``--c``) keeps the per-member history of the epochs it resumes after."""
+        path = join(self.output_folder, progress.MEMBER_PROGRESS_FILE)
+        if self.current_epoch > 0 and os.path.isfile(path):
+            from nnharmony.utils.io import load_json
+
+            try:
+                self.member_pseudo_dice = list(load_json(path))[: self.current_epoch]
+            except (ValueError, TypeError):
+                self.member_pseudo_dice = []
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, filename: str) -> None:
@@ -296,6 +383,17 @@ class nnHarmonyTrainer(nnUNetTrainer):
         if self.is_ddp:
             dist.barrier()
         self.set_deep_supervision_enabled(True)
+
+
+def check_joint_plans(trainer_name: str, plans: dict) -> None:
+    """Collection trainers need a collection's joint plans; plain ``nnUNetv2_train DATASET ... -tr`` gives them a
+    member's own plans, which used to fail with ``KeyError: 'regions_class_order'`` deep inside."""
+    if "nnharmony" not in plans:
+        raise ValueError(
+            f"{trainer_name} trains a collection: the plans {plans.get('plans_name')!r} of "
+            f"{plans.get('dataset_name')!r} are not a collection's joint plans. Train it with nnharmony_train "
+            f"COLLECTION CONFIGURATION FOLD -tr {trainer_name}; a single dataset trains with nnUNetv2_train DATASET "
+            f"CONFIGURATION FOLD -tr nnUNetTrainer")
 
 
 def load_collection_spec(plans: dict) -> CollectionSpec:
