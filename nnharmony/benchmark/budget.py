@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 #: validation iterations per epoch of a fitted budget (enough for the pseudo-Dice curve, cheap)
-FITTED_VAL_ITERATIONS = 2
+FITTED_VAL_ITERATIONS = 1
 #: iterations of the first epoch of a fitted budget, before the step time is known
 FIRST_EPOCH_ITERATIONS = 5
 
@@ -119,3 +119,6 @@ class EpochsInMinutes:
         overhead = now - self._train_end
         per_epoch = (self.seconds - (now - self._start)) / left_epochs
         t.num_iterations_per_epoch = max(1, int((per_epoch - overhead) / max(step, 1e-6)))
+        if hasattr(t, "print_to_log_file"):
+            t.print_to_log_file(f"time budget: {done} iterations took {step:.3f} s each (+{overhead:.2f} s per "
+                                f"epoch); next epoch: {t.num_iterations_per_epoch} iterations")

@@ -1,6 +1,7 @@
 """What a benchmark run does (:class:`BenchmarkOptions`) and the quick preset (:data:`QUICK`)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -31,6 +32,12 @@ class Preset:
     num_processes: int
     #: train on this variant of the plans (narrower network, smaller batch); None: the plans as planned
     plans_variant: PlansVariant | None
+    #: PyTorch threads on a CPU (None: one per core, as nnharmony_train)
+    cpu_threads: int | None
+    #: test-time mirroring in the final validation (nnU-Net: on; 4 forward passes per 2D tile instead of 1)
+    validation_mirroring: bool = True
+    #: method -> trainer class replacing the method's own (e.g. nnU-Net's Adam variant)
+    trainers: dict[str, str] = field(default_factory=dict)
 
 
 #: ``nnharmony_benchmark --quick``: the newcomer's first run, trained models in under 10 minutes on a 2-core CPU.
@@ -41,9 +48,15 @@ class Preset:
 QUICK = Preset(
     collection="Collection960_Quick", first_id=961, members="quick", num_cases=0, shape=(20, 48, 48),
     budget="8x1.2min", configuration="2d", support_size=8,
-    trainer_options={"universeg": {"image_size": 48, "episode_batch_size": 4, "support_size": 8,
+    # AdamW (lr 1e-3) for every supervised method: nnU-Net's SGD with momentum 0.99 needs hundreds of iterations
+    # before its momentum builds up, more than a CPU minute gives; nnU-Net ships the same optimizer for plain
+    # nnU-Net as nnUNetTrainerAdam1en3
+    trainers={"nnunet": "nnUNetTrainerAdam1en3"},
+    trainer_options={**{m: {"optimizer_name": "adamw"} for m in ("joint", "separate_heads", "uharmony", "hermes")},
+                     "universeg": {"image_size": 48, "episode_batch_size": 4, "support_size": 8,
                                    "encoder_blocks": [32, 32, 32, 32]}},
-    nsd_tolerance_mm=1.0, num_processes=1, plans_variant=PlansVariant("quick", base_features=8, max_batch_size=8),
+    nsd_tolerance_mm=1.0, num_processes=1, plans_variant=PlansVariant("quick", base_features=16, max_batch_size=8),
+    cpu_threads=1,
 )
 
 
@@ -73,6 +86,13 @@ class BenchmarkOptions:
     #: processes for planning, validation export and evaluation; 1: all in this process
     num_processes: int = 2
     plans_variant: PlansVariant | None = None
+    #: PyTorch threads on a CPU (None: one per core). Small networks gain little from a second thread, and when
+    #: the cores are shared, threads that wait for each other make every operation many times slower.
+    cpu_threads: int | None = None
+    #: method -> trainer class replacing the method's own
+    trainers: dict = field(default_factory=dict)
+    #: test-time mirroring in the supervised methods' final validation (nnU-Net's default: on)
+    validation_mirroring: bool = True
     #: keep the trained models' checkpoints
     keep_checkpoints: bool = True
     quiet: bool = False  # no progress line
@@ -84,13 +104,19 @@ class BenchmarkOptions:
                    configuration=preset.configuration, support_size=preset.support_size,
                    trainer_options={k: dict(v) for k, v in preset.trainer_options.items()},
                    nsd_tolerance_mm=preset.nsd_tolerance_mm, num_processes=preset.num_processes,
-                   plans_variant=preset.plans_variant, keep_checkpoints=False)
+                   plans_variant=preset.plans_variant, cpu_threads=preset.cpu_threads, trainers=dict(preset.trainers),
+                   validation_mirroring=preset.validation_mirroring, keep_checkpoints=False)
         for k, v in overrides.items():
             setattr(opts, k, v)
         return opts
 
     def configuration_of(self, method: Method) -> str:
         return self.configuration or method.configuration
+
+    def method(self, name: str) -> Method:
+        """The method with this run's trainer (``trainers``) and configuration."""
+        m = METHODS[name]
+        return dataclasses.replace(m, trainer=self.trainers.get(name, m.trainer), configuration=self.configuration_of(m))
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]

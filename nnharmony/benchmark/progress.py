@@ -37,7 +37,8 @@ class Progress:
         self.steps, self.disable, self.every_s, self.default_s = steps, disable, every_s, default_s
         self.index = -1
         self.t0 = self.step_t0 = time.perf_counter()
-        self.trainer: Any = None
+        self.trainer: Any = None  # the running trainer: its epoch is shown
+        self.detail = ""  # shown after the step (e.g. "model 2/3", "validating")
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._last_line, self._last_write = "", 0.0
@@ -65,7 +66,7 @@ class Progress:
                 nxt = self.index + 1
             for i in range(self.index + 1, nxt):  # skipped steps (a method that failed or was skipped)
                 self.steps[i].done_s = 0.0
-            self.index, self.step_t0, self.trainer = nxt, now, None
+            self.index, self.step_t0, self.trainer, self.detail = nxt, now, None, ""
         self._refresh(force=True)
 
     def skip_method(self, method: str) -> None:
@@ -92,8 +93,10 @@ class Progress:
             what = cur.kind
             if cur.method:
                 what = f"{cur.method} ({methods.index(cur.method) + 1}/{len(methods)}): {cur.kind}"
+            if self.detail:
+                what += f", {self.detail}"
             t = self.trainer
-            if t is not None and cur.kind == "training":
+            if t is not None and cur.kind == "training" and "validating" not in self.detail:
                 try:
                     what += f", epoch {min(t.current_epoch + 1, t.num_epochs)}/{t.num_epochs}"
                 except AttributeError:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from nnharmony.benchmark.budget import Budget
 from nnharmony.benchmark.collection import collection_name, ensure_collection, output_to
 from nnharmony.benchmark.files import label_tasks, prediction_folders
-from nnharmony.benchmark.methods import METHODS, Method, trainer_available
+from nnharmony.benchmark.methods import Method, trainer_available
 from nnharmony.benchmark.options import BenchmarkOptions
 from nnharmony.benchmark.progress import Progress, Step
 from nnharmony.utils.io import load_json, save_json_atomic
@@ -160,7 +160,7 @@ def run_method(method: Method, ctx: dict[str, Any], progress: Progress, say: Cal
         progress.start(method.name, "training")
         with output_to(log_file):
             run = training.train_method(method, collection, opts, budget, ctx["models_dir"], ctx["joint_plans"],
-                                        on_trainer=lambda tr: setattr(progress, "trainer", tr),
+                                        on_trainer=_progress_hook(progress, method, len(spec.members)),
                                         defer_plot=budget.fitted)
         t.update(setup_s=run.setup_s, train_s=run.train_s, validation_s=run.validation_s or None,
                  epochs=run.epochs, iterations=sum(m["iterations"] for m in run.models))
@@ -203,6 +203,22 @@ def run_method(method: Method, ctx: dict[str, Any], progress: Progress, say: Cal
     return t, info, per_case
 
 
+def _progress_hook(progress: Progress, method: Method, members: int) -> Callable[[Any], None]:
+    """Shows the running trainer's epoch (and which member's model), or that its final validation runs."""
+    models = members if method.paradigm == "per-dataset" else 1
+    seen = [0]
+
+    def hook(trainer) -> None:
+        if trainer is None:
+            progress.detail = (progress.detail + ", " if models > 1 else "") + "validating"
+            return
+        seen[0] += 1
+        progress.trainer = trainer
+        progress.detail = f"model {seen[0]}/{models}" if models > 1 else ""
+
+    return hook
+
+
 # ---------------------------------------------------------------------------------------------- the run
 def _plan_steps(methods: list[Method], budget: Budget) -> list[Step]:
     train_s = None if budget.minutes is None else 60 * budget.minutes
@@ -229,7 +245,7 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
     """Run everything; returns the contents of ``benchmark.json`` (``report_folder`` says where it is)."""
     t_start = time.perf_counter()
     age_at_start = process_age_s() or 0.0
-    import torch  # noqa: F401 - imported here so that its import counts as start-up, not as the first method's
+    import torch  # imported here so that its import counts as start-up, not as the first method's
     import nnunetv2  # noqa: F401
 
     from nnharmony.benchmark.conclusion import conclusion_lines
@@ -241,8 +257,10 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
     from nnharmony.paths import JOINT_PLANS_NAME, collection_spec_path, joint_plans_path
 
     opts.validate()
+    if opts.cpu_threads and opts.device == "cpu":
+        torch.set_num_threads(opts.cpu_threads)
     budget = Budget.parse(opts.budget)
-    methods = [METHODS[m] for m in dict.fromkeys(opts.methods)]
+    methods = [opts.method(m) for m in dict.fromkeys(opts.methods)]
     started = datetime.now().isoformat(timespec="seconds")
     startup_s = age_at_start + (time.perf_counter() - t_start)
     progress = Progress(_plan_steps(methods, budget), disable=opts.quiet)

@@ -173,7 +173,7 @@ def _curves(trainer) -> dict[str, list[float]]:
 
 
 def _train_one(trainer, t, budget: Budget, seconds: float | None, defer_plot: bool, run: MethodRun, label: str,
-               validate: bool, on_trainer: Callable[[Any], None], in_process: bool) -> None:
+               validate: bool, on_trainer: Callable[[Any], None], in_process: bool, mirroring: bool = True) -> None:
     """Options, training and (unless ``validate`` is False) the final validation of one built trainer."""
     from nnunetv2.run.run_training import maybe_load_checkpoint
 
@@ -205,6 +205,9 @@ def _train_one(trainer, t, budget: Budget, seconds: float | None, defer_plot: bo
         trainer.logger.plot_progress_png = plot
         plot(trainer.output_folder)
     if validate:
+        on_trainer(None)  # training is over: the final validation follows
+        if not mirroring:  # nnU-Net's predictors mirror along these axes; None: one forward pass per tile
+            trainer.inference_allowed_mirroring_axes = None
         with nnunet_pools_in_process(in_process):
             trainer.perform_actual_validation(False)
         run.validation_s += time.perf_counter() - t1
@@ -218,7 +221,7 @@ def train_method(method: Method, collection: str, opts: BenchmarkOptions, budget
                  defer_plot: bool = False) -> MethodRun:
     """Train ``method`` (every member's model for the per-dataset paradigm) and run the final validation of the
     supervised methods (their predictions of the validation cases); ``on_trainer`` sees each trainer before it
-    trains (progress display)."""
+    trains and None when its validation starts (progress display)."""
     import torch
 
     from nnharmony.trainers.run import _device, build_trainer, load_collection, run_training
@@ -237,11 +240,13 @@ def train_method(method: Method, collection: str, opts: BenchmarkOptions, budget
             return run
         t0 = time.perf_counter()
         device = _device(t)
+        if device.type == "cpu" and opts.cpu_threads:
+            torch.set_num_threads(opts.cpu_threads)
         if method.paradigm != "per-dataset":
             trainer = build_trainer(t, device)
             run.setup_s = time.perf_counter() - t0
             _train_one(trainer, t, budget, seconds, defer_plot, run, method.name, validate, on_trainer,
-                       opts.num_processes <= 1)
+                       opts.num_processes <= 1, opts.validation_mirroring)
             run.trainer = trainer
             return run
         spec, joint, _ = load_collection(collection, t.plans)
@@ -261,7 +266,7 @@ def train_method(method: Method, collection: str, opts: BenchmarkOptions, budget
             trainer = cls(member_plans, t.configuration, t.fold if t.fold == "all" else int(t.fold), dj, device)
             run.setup_s += time.perf_counter() - t0
             _train_one(trainer, t, budget, per_member, defer_plot, run, f"{method.name} {m.dataset_name}", validate,
-                       on_trainer, opts.num_processes <= 1)
+                       on_trainer, opts.num_processes <= 1, opts.validation_mirroring)
             run.trainer = trainer
             if device.type == "cuda":
                 torch.cuda.empty_cache()

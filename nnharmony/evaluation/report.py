@@ -173,6 +173,30 @@ def _pyplot():
     return plt
 
 
+def _default_style(fn):
+    """Draw with matplotlib's default style: nnU-Net's progress plot calls ``seaborn.set(font_scale=2.5)``, which
+    changes the style of every later figure of the process."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        plt = _pyplot()
+        with plt.style.context("default"):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _display_window(img: np.ndarray) -> tuple[float, float]:
+    """Grey-value window of a slice: 1st-99th percentile of the pixels brighter than its darkest quarter (the body,
+    not the air around it), so that CT soft tissue is not squeezed between air and bone."""
+    if not img.size:
+        return 0.0, 1.0
+    body = img[img > np.percentile(img, 25)]
+    lo, hi = np.percentile(body if body.size > 10 else img, [1, 99])
+    return float(lo), float(hi if hi > lo else lo + 1)
+
+
 def _save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
     plt = _pyplot()
     try:
@@ -187,6 +211,7 @@ def method_colors(methods: Sequence[str]) -> dict[str, Any]:
     return {m: cmap(i % 10) for i, m in enumerate(methods)}
 
 
+@_default_style
 def plot_metric_bars(rows: Sequence[Mapping], path: str | os.PathLike, metric: str = "dice",
                      methods: Sequence[str] | None = None, title: str | None = None) -> bool:
     """Grouped bars: one group per member / label, one bar per method (mean over validation cases, error bar =
@@ -239,6 +264,7 @@ def plot_metric_bars(rows: Sequence[Mapping], path: str | os.PathLike, metric: s
     return True
 
 
+@_default_style
 def plot_training_curves(curves: Mapping[str, Sequence[Mapping]], path: str | os.PathLike) -> bool:
     """All methods' training curves in one figure: training loss, validation loss and pseudo Dice (nnU-Net's
     per-epoch estimate on validation patches) per epoch. ``curves``: method -> its models, each ``{"model",
@@ -300,6 +326,7 @@ def best_slice(reference: np.ndarray, axis: int = 0) -> int:
     return int(np.argmax(present * (int(counts.max()) + 1) + counts))
 
 
+@_default_style
 def plot_overlay(image: np.ndarray, reference: np.ndarray, predictions: Mapping[str, np.ndarray | None],
                  path: str | os.PathLike, labels: Mapping[str, int] | None = None, title: str = "",
                  spacing: Sequence[float] | None = None, scores: Mapping[str, float | None] | None = None,
@@ -326,7 +353,7 @@ def plot_overlay(image: np.ndarray, reference: np.ndarray, predictions: Mapping[
     aspect = 1.0
     if spacing is not None and len(spacing) >= 2:
         aspect = float(spacing[-2]) / float(spacing[-1])  # (y, x) spacing of the shown slice
-    lo, hi = np.percentile(img2, [0.5, 99.5]) if img2.size else (0, 1)
+    lo, hi = _display_window(img2)
     plt = _pyplot()
     cols = 2 + len(preds2)
     panel_h = 2.6 * aspect * img2.shape[0] / max(1, img2.shape[1])
