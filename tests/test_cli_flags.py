@@ -60,6 +60,23 @@ def test_every_flag_has_help_with_default(parser):
         assert action.help, action.option_strings
 
 
+@pytest.mark.parametrize("module", ["predict", "train", "adapt", "analyze_priors", "evaluate"])
+def test_help_examples_parse_as_printed(module):
+    import importlib
+    import shlex
+
+    from nnharmony.cli.common import parse_trainer_options
+
+    parser = importlib.import_module(f"nnharmony.cli.{module}").build_parser()
+    examples = parser.epilog.splitlines()[1:]
+    assert examples
+    for line in examples:
+        argv = shlex.split(line, comments=True)
+        assert argv[0] == parser.prog, line
+        args = parser.parse_args(argv[1:])
+        parse_trainer_options(getattr(args, "trainer_options", None))
+
+
 # ---------------------------------------------------------------------------------------------- fail fast
 @pytest.fixture
 def fake_planned(tmp_path):
@@ -91,6 +108,8 @@ def _run_main(module: str, argv: list[str], env: dict) -> subprocess.CompletedPr
     ("train", ["950", "3d_fulres", "0"], "Close matches: 3d_fullres"),
     ("train", ["950", "3d_fullres", "0", "-p", "nnHarmonyPlan"], "Close matches: nnHarmonyPlans"),
     ("predict", ["-i", "x", "-o", "y", "-d", "950", "-tr", "UHarmonyTrainr"], "no trained model in $nnUNet_results"),
+    ("plan_and_preprocess", ["-d", "951", "-n", "Collection950_Fake", "-pl", "ExperimentPlaner"],
+     "Close matches: ExperimentPlanner"),
 ])
 def test_wrong_names_fail_before_nnunet_is_imported(fake_planned, module, argv, message):
     r = _run_main(module, argv, fake_planned)

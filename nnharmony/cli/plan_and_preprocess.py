@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nnharmony.cli import preflight
 from nnharmony.cli.common import exit_on_user_error, parse_key_value_pairs
 
 
@@ -12,6 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nnharmony_plan_and_preprocess",
         description="Run nnU-Net's fingerprint extraction, planning and preprocessing for every member dataset, "
         "then write the collection spec and the joint plan to $nnUNet_preprocessed/NAME/.",
+        allow_abbrev=False,
     )
     p.add_argument("-d", nargs="*", default=[], help="member dataset ids (or DatasetXXX_Name)")
     p.add_argument("-n", "--name", required=True, help="collection name, e.g. Collection900_Abdomen")
@@ -70,6 +72,9 @@ def _spec_options(args: argparse.Namespace) -> dict:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # before nnU-Net is imported: the folders and the planner's name (close matches listed)
+    preflight.require_folders("nnUNet_raw", "nnUNet_preprocessed")
+    preflight.check_planner(args.pl)
     from nnharmony.planners.plan_and_preprocess import plan_and_preprocess_collection
 
     spec, joint = plan_and_preprocess_collection(
