@@ -18,7 +18,10 @@ normalization; :func:`nnharmony.data.loader.load_member_data`):
 
 * ``dim=2`` (configuration ``2d``): an item is one slice along the first axis of the preprocessed volume
   (nnU-Net's 2d configuration puts the out-of-plane axis first; the inference code slices along the axis of
-  largest spacing, which is the same axis). A case is drawn uniformly, then a slice: with probability
+  largest spacing, which is the same axis). ``slice_axes=(0, 1, 2)`` cuts the slices of 3D members along
+  an axis drawn per episode (query and supports alike, so a (label, axis) pair acts as a task, as
+  UniverSeg's per-axis slices of 3D volumes); a 2D member (one slice) always uses axis 0. So one collection
+  planned in ``2d`` with 2D and 3D members gives a multi-task corpus of every (member, label) pair. A case is drawn uniformly, then a slice: with probability
   ``query_foreground_prob`` / ``support_foreground_prob`` one through a random foreground voxel of the task
   (nnU-Net's stored ``class_locations``), otherwise uniformly. Supports default to foreground slices (1.0)
   because inference builds support sets from slices that show the structure; queries are foreground slices
@@ -43,8 +46,12 @@ Augmentation, in this order: **in-task** (:class:`InTaskAugmentation`, independe
 episode: nnU-Net's probabilities and similar ranges for rotation, scaling, translation, Gaussian noise, blur,
 brightness, contrast and gamma, implemented with batched torch ops instead of batchgeneratorsv2 so that it
 runs on the resized [0, 1] images of a whole episode at once; no elastic deformation, off by default in
-nnU-Net too), then **task augmentation** (:func:`nnharmony.networks.task_augmentation.task_augment`: one
-flip / intensity inversion / label edge-map decision for all images of an episode). With probability
+nnU-Net too), then, with probability ``shared_augmentation_prob`` per episode, ONE draw of the same
+transforms for all images of the episode (a task augmentation: a new task, not a perturbed image), then
+**task augmentation** (:func:`nnharmony.networks.task_augmentation.task_augment`: one flip / intensity
+inversion / label edge-map (morphological or Sobel) / label inversion decision for all images of an
+episode). The support size is fixed (``support_size``) or drawn per batch uniformly in
+[``min_support_size``, ``support_size``] (all episodes of a batch share it, so they stack). With probability
 ``synthetic_task_prob`` an episode is replaced by a random-shape task
 (:func:`~nnharmony.networks.task_augmentation.synthetic_task`), which gets both augmentations as well.
 
@@ -287,14 +294,32 @@ class InTaskAugmentation:
     p_gamma: float = 0.3
     gamma: tuple[float, float] = (0.7, 1.5)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, g: torch.Generator):
-        """images, labels ``(N, 1, *sp)`` -> augmented copies (labels in {0, 1})."""
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, g: torch.Generator, group: int = 1):
+        """images, labels ``(N, 1, *sp)`` -> augmented copies (labels in {0, 1}).
+
+        ``group``: every ``group`` consecutive images share one draw of every parameter (1: in-task
+        augmentation, each image its own; ``S + 1``: one transform for a whole episode, a task augmentation).
+        Pixel noise stays independent per image."""
         n, d = images.shape[0], images.ndim - 2
+        if group < 1 or n % group:
+            raise ValueError(f"group must divide the number of images {n}, got {group}")
+        m = n // group
+
+        def per_image(x: torch.Tensor) -> torch.Tensor:
+            return x.repeat_interleave(group, dim=0)
+
+        def rand() -> torch.Tensor:
+            return per_image(torch.rand(m, generator=g))
+
+        def uniform(lo: float, hi: float, k: int = 1) -> torch.Tensor:
+            x = per_image(_uniform(g, m * k, lo, hi).view(m, k))
+            return x[:, 0] if k == 1 else x
+
         # ---- spatial: theta maps output coords to input coords (normalized [-1, 1])
         eye = torch.eye(d).repeat(n, 1, 1)
         rot = eye.clone()
-        do_rot = torch.rand(n, generator=g) < self.p_rotation
-        angles = _uniform(g, n * (1 if d == 2 else 3), -1, 1).view(n, -1) * math.radians(self.rotation_degrees)
+        do_rot = rand() < self.p_rotation
+        angles = uniform(-1, 1, 1 if d == 2 else 3).view(n, -1) * math.radians(self.rotation_degrees)
         for j in range(angles.shape[1]):
             a = torch.where(do_rot, angles[:, j], torch.zeros(n))
             c, s = torch.cos(a), torch.sin(a)
@@ -302,10 +327,10 @@ class InTaskAugmentation:
             i0, i1 = [(0, 1), (0, 2), (1, 2)][j] if d == 3 else (0, 1)
             r[:, i0, i0], r[:, i0, i1], r[:, i1, i0], r[:, i1, i1] = c, -s, s, c
             rot = rot @ r
-        do_scale = torch.rand(n, generator=g) < self.p_scaling
-        scale = torch.where(do_scale, _uniform(g, n, *self.scaling), torch.ones(n))
-        do_shift = torch.rand(n, generator=g) < self.p_translation
-        shift = _uniform(g, n * d, -self.translation, self.translation).view(n, d) * do_shift[:, None]
+        do_scale = rand() < self.p_scaling
+        scale = torch.where(do_scale, uniform(*self.scaling), torch.ones(n))
+        do_shift = rand() < self.p_translation
+        shift = uniform(-self.translation, self.translation, d).view(n, d) * do_shift[:, None]
         spatial = do_rot | do_scale | do_shift
         if spatial.any():
             idx = spatial.nonzero()[:, 0]
@@ -319,19 +344,20 @@ class InTaskAugmentation:
         # ---- intensity
         images = images.clone()
         view = (n,) + (1,) * (d + 1)
-        for i in (torch.rand(n, generator=g) < self.p_blur).nonzero()[:, 0].tolist():
-            images[i] = _gaussian_blur(images[i], float(_uniform(g, 1, *self.blur_sigma)))
-        do = (torch.rand(n, generator=g) < self.p_noise).view(view)
-        std = _uniform(g, n, *self.noise_std).view(view)
+        do_blur, sigma = rand() < self.p_blur, uniform(*self.blur_sigma)
+        for i in do_blur.nonzero()[:, 0].tolist():
+            images[i] = _gaussian_blur(images[i], float(sigma[i]))
+        do = (rand() < self.p_noise).view(view)
+        std = uniform(*self.noise_std).view(view)
         images = images + do * std * torch.randn(images.shape, generator=g)
-        do = (torch.rand(n, generator=g) < self.p_brightness).view(view)
-        images = torch.where(do, images * _uniform(g, n, *self.brightness).view(view), images)
-        do = (torch.rand(n, generator=g) < self.p_contrast).view(view)
+        do = (rand() < self.p_brightness).view(view)
+        images = torch.where(do, images * uniform(*self.brightness).view(view), images)
+        do = (rand() < self.p_contrast).view(view)
         mean = images.mean(dim=tuple(range(1, d + 2)), keepdim=True)
-        images = torch.where(do, (images - mean) * _uniform(g, n, *self.contrast).view(view) + mean, images)
+        images = torch.where(do, (images - mean) * uniform(*self.contrast).view(view) + mean, images)
         images = images.clamp(0, 1)
-        do = (torch.rand(n, generator=g) < self.p_gamma).view(view)
-        images = torch.where(do, images.clamp_min(0) ** _uniform(g, n, *self.gamma).view(view), images)
+        do = (rand() < self.p_gamma).view(view)
+        images = torch.where(do, images.clamp_min(0) ** uniform(*self.gamma).view(view), images)
         return images.clamp(0, 1), labels.float()
 
 
@@ -350,6 +376,9 @@ class EpisodeConfig:
     task_augmentation: dict | None = field(default_factory=dict)  # kwargs of task_augment; None: off
     synthetic_task_prob: float = 0.0
     member_sampling: str = "uniform"
+    min_support_size: int | None = None  # S drawn per batch in [min_support_size, support_size]; None: fixed
+    slice_axes: tuple[int, ...] = (0,)  # 2D episodes of volumes: axes an episode's slices are cut along
+    shared_augmentation_prob: float = 0.0  # episodes whose images all get ONE in-task-style transform
 
     def __post_init__(self):
         if self.dim not in (2, 3):
@@ -366,7 +395,16 @@ class EpisodeConfig:
         if int(self.support_size) < 1:
             raise ValueError(f"support_size must be >= 1, got {self.support_size}")
         self.support_size = int(self.support_size)
-        for name in ("query_foreground_prob", "support_foreground_prob", "synthetic_task_prob"):
+        if self.min_support_size is not None:
+            self.min_support_size = int(self.min_support_size)
+            if not 1 <= self.min_support_size <= self.support_size:
+                raise ValueError(f"min_support_size must be in [1, support_size={self.support_size}], got "
+                                 f"{self.min_support_size}")
+        self.slice_axes = tuple(int(a) for a in self.slice_axes)
+        if not self.slice_axes or any(a not in (0, 1, 2) for a in self.slice_axes):
+            raise ValueError(f"slice_axes must be a non-empty subset of (0, 1, 2), got {self.slice_axes}")
+        for name in ("query_foreground_prob", "support_foreground_prob", "synthetic_task_prob",
+                     "shared_augmentation_prob"):
             v = float(getattr(self, name))
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
@@ -375,6 +413,12 @@ class EpisodeConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def draw_support_size(self, rng: np.random.Generator) -> int:
+        """S of one batch: ``support_size``, or uniform in [``min_support_size``, ``support_size``]."""
+        if self.min_support_size is None:
+            return self.support_size
+        return int(rng.integers(self.min_support_size, self.support_size + 1))
 
 
 def _fg_key_locations(props: dict, values: tuple[int, ...]) -> np.ndarray | None:
@@ -480,8 +524,17 @@ class EpisodeLoader(DataLoader):
             self._fg_cache[key] = locs
         return self._fg_cache[key]
 
-    def _item(self, task, md, fg_prob: float, exclude_case: str | None):
-        """One normalized, resized (image, label) pair ``(1, *size)`` of ``task`` from ``md``, and its key."""
+    def _slice_axis(self, md) -> int:
+        """Axis (of the stored ``(Z, Y, X)`` grid) the slices of one 2D episode are cut along: one of
+        ``slice_axes`` that gives a real 2D slice for this member (a 2D member, ``Z = 1``, has only axis 0)."""
+        case = md.identifiers[0]
+        spatial = tuple(int(v) for v in self._case(md, case)[0].shape[1:])
+        usable = [a for a in self.config.slice_axes if all(n > 1 for i, n in enumerate(spatial) if i != a)]
+        return int(usable[int(self.rng.integers(len(usable)))]) if usable else 0
+
+    def _item(self, task, md, fg_prob: float, exclude_case: str | None, axis: int = 0):
+        """One normalized, resized (image, label) pair ``(1, *size)`` of ``task`` from ``md``, and its key;
+        2D: a slice along ``axis``."""
         ids = md.identifiers
         if exclude_case is not None and len(ids) > 1:
             ids = [i for i in ids if i != exclude_case]
@@ -491,10 +544,11 @@ class EpisodeLoader(DataLoader):
         locs = self._fg_locations(md, case, seg, props, task.values)
         use_fg = len(locs) > 0 and self.rng.random() < fg_prob
         if self.config.dim == 2:
-            z = int(locs[self.rng.integers(len(locs))][0]) if use_fg else int(self.rng.integers(spatial[0]))
-            img = np.asarray(data[0, z], dtype=np.float32)
-            lab = np.isin(np.asarray(seg[0, z]), task.values)
-            where = f"@z{z}"
+            z = int(locs[self.rng.integers(len(locs))][axis]) if use_fg else int(self.rng.integers(spatial[axis]))
+            index = (0,) + (slice(None),) * axis + (z,)
+            img = np.asarray(data[index], dtype=np.float32)
+            lab = np.isin(np.asarray(seg[index]), task.values)
+            where = f"@{'zyx'[axis]}{z}"
         else:
             crop = spatial if self.config.crop_size is None else self.config.crop_size
             if use_fg:
@@ -517,16 +571,30 @@ class EpisodeLoader(DataLoader):
         y = resize_label(torch.from_numpy(lab.astype(np.float32))[None, None], self.config.image_size)[0]
         return x, y, f"{task.name}/{case}{where}", case
 
-    def _episode(self, task):
+    def _episode(self, task, support_size: int):
         cfg = self.config
         q_md, s_md = self.query_members[task.member_index], self.support_members[task.member_index]
-        qx, qy, key, qcase = self._item(task, q_md, cfg.query_foreground_prob, None)
+        # 2D: one axis per episode, so (label, axis) is the task, as UniverSeg's per-axis slices of 3D volumes
+        axis = self._slice_axis(q_md) if cfg.dim == 2 and len(cfg.slice_axes) > 1 else 0
+        qx, qy, key, qcase = self._item(task, q_md, cfg.query_foreground_prob, None, axis)
         # exclude the query's case from the supports when query and supports share cases
         exclude = qcase if qcase in set(s_md.identifiers) else None
-        items = [self._item(task, s_md, cfg.support_foreground_prob, exclude) for _ in range(cfg.support_size)]
+        items = [self._item(task, s_md, cfg.support_foreground_prob, exclude, axis) for _ in range(support_size)]
         images = torch.stack([qx] + [it[0] for it in items])
         labels = torch.stack([qy] + [it[1] for it in items])
         return images, labels, key
+
+    def _augment(self, x: torch.Tensor, y: torch.Tensor, episodes: torch.Tensor, group: int):
+        """:class:`InTaskAugmentation` of the ``episodes`` (bool ``(B,)``) of ``(B, M, 1, *sp)`` batches, each
+        image its own draw (``group=1``) or one draw per episode (``group=M``, a task augmentation)."""
+        if not episodes.any():
+            return x, y
+        idx = episodes.nonzero()[:, 0]
+        b, m = len(idx), x.shape[1]
+        xa, ya = self.augmentation(x[idx].flatten(0, 1), y[idx].flatten(0, 1), self.generator, group=group)
+        x, y = x.clone(), y.clone().float()
+        x[idx], y[idx] = xa.view(b, m, *xa.shape[1:]), ya.view(b, m, *ya.shape[1:])
+        return x, y
 
     def generate_train_batch(self) -> dict:
         from nnharmony.networks.task_augmentation import synthetic_task, task_augment
@@ -534,17 +602,18 @@ class EpisodeLoader(DataLoader):
         self._ensure_rngs()
         cfg = self.config
         tasks = self.sampler.draw(self.batch_size)
+        support_size = cfg.draw_support_size(self.rng)
         images, labels, keys, task_ids, member_ids = [], [], [], [], []
         for task in tasks:
             if cfg.synthetic_task_prob > 0 and self.rng.random() < cfg.synthetic_task_prob:
-                x, y = synthetic_task(cfg.image_size, self.generator, num_members=cfg.support_size + 1)
+                x, y = synthetic_task(cfg.image_size, self.generator, num_members=support_size + 1)
                 images.append(x)
                 labels.append(y)
                 keys.append("synthetic")
                 task_ids.append(-1)
                 member_ids.append(-1)
                 continue
-            x, y, key = self._episode(task)
+            x, y, key = self._episode(task, support_size)
             images.append(x)
             labels.append(y)
             keys.append(key)
@@ -553,9 +622,10 @@ class EpisodeLoader(DataLoader):
         x = torch.stack(images)  # (B, S+1, 1, *size)
         y = torch.stack(labels)
         if cfg.in_task_augmentation:
-            b, m = x.shape[:2]
-            xa, ya = self.augmentation(x.flatten(0, 1), y.flatten(0, 1), self.generator)
-            x, y = xa.view(b, m, *xa.shape[1:]), ya.view(b, m, *ya.shape[1:])
+            x, y = self._augment(x, y, torch.ones(x.shape[0], dtype=torch.bool), group=1)
+        if cfg.shared_augmentation_prob > 0:
+            chosen = torch.rand(x.shape[0], generator=self.generator) < cfg.shared_augmentation_prob
+            x, y = self._augment(x, y, chosen, group=x.shape[1])
         if cfg.task_augmentation is not None:
             x, y = task_augment(x, y, self.generator, **cfg.task_augmentation)
         return {
@@ -604,7 +674,7 @@ def build_episode_dataloaders(spec: CollectionSpec, joint_plans: dict, configura
         val_md.append(load_member_data(spec, i, configuration, val, plans_ids[i], data_ids.get(i)) if val else None)
     if val_config is None:
         val_config = EpisodeConfig(**{**config.to_dict(), "in_task_augmentation": False, "task_augmentation": None,
-                                      "synthetic_task_prob": 0.0})
+                                      "synthetic_task_prob": 0.0, "shared_augmentation_prob": 0.0})
     held_ids = [spec.members[i].dataset_id for i in held]
     dl_tr = EpisodeLoader(spec, train_md, train_md, config, batch_size, held_ids, seed, rank, TRAIN_STREAM)
     if not any(md is not None for md in val_md):

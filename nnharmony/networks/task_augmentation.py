@@ -26,8 +26,11 @@ Functions:
   Gaussians plus smooth noise, images rendered from the labels), 2D or 3D.
 
 The paper names flips, intensity inversion, Sobel-edge labels and label inversion (from the
-research notes, unverified); we use a morphological edge instead of Sobel because it stays
-binary and, in the default ``"inner"`` mode, is a subset of the label.
+research notes, unverified). Edge maps come in two kinds: morphological (``"inner"``, the default:
+a subset of the label; ``"outer"``; ``"gradient"``) and ``"sobel"``, the pixels where the Sobel
+gradient magnitude of the label is non-zero (a band about two pixels wide across the boundary,
+binarized so that every label stays in {0, 1}). The ``"paper"`` preset of UniverSegTrainer uses
+``"sobel"``.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ __all__ = [
     "synthetic_task",
 ]
 
-_EDGE_MODES = ("inner", "outer", "gradient")
+_EDGE_MODES = ("inner", "outer", "gradient", "sobel")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -147,6 +150,27 @@ def _float(labels: torch.Tensor) -> torch.Tensor:
     return labels if labels.is_floating_point() else labels.float()
 
 
+def _sobel_magnitude(x: torch.Tensor) -> torch.Tensor:
+    """Sobel gradient magnitude of every channel of ``(N, C, *sp)`` (2D or 3D; replicate padding, so the image
+    border is no edge): per axis, the derivative ``[-1, 0, 1]`` along it and smoothing ``[1, 2, 1]`` along the others."""
+    d = x.ndim - 2
+    n, c = x.shape[:2]
+    flat = x.reshape(n * c, 1, *x.shape[2:])
+    conv = F.conv2d if d == 2 else F.conv3d
+    deriv = torch.tensor([-1.0, 0.0, 1.0], dtype=x.dtype, device=x.device)
+    smooth = torch.tensor([1.0, 2.0, 1.0], dtype=x.dtype, device=x.device)
+    padded = F.pad(flat, [1, 1] * d, mode="replicate")
+    squares = torch.zeros_like(flat)
+    for axis in range(d):
+        kernel = torch.ones((1, 1) + (1,) * d, dtype=x.dtype, device=x.device)
+        for other in range(d):
+            shape = [1] * d
+            shape[other] = 3
+            kernel = kernel * (deriv if other == axis else smooth).view(1, 1, *shape)
+        squares = squares + conv(padded, kernel) ** 2
+    return squares.sqrt().view_as(x)
+
+
 def label_edge_map(labels: torch.Tensor, kernel_size: int = 3, mode: str = "inner") -> torch.Tensor:
     """Boundary of binary labels by morphological gradients: labels (B,M,L,*sp) -> same shape, float.
 
@@ -155,7 +179,8 @@ def label_edge_map(labels: torch.Tensor, kernel_size: int = 3, mode: str = "inne
     - ``"inner"`` (default): ``y - ero``, the label pixels that touch the background; a subset
       of the label, about ``kernel_size // 2`` pixels thick;
     - ``"outer"``: ``dil - y``, background pixels that touch the label (disjoint from it);
-    - ``"gradient"``: ``dil - ero``, both (the classic morphological gradient).
+    - ``"gradient"``: ``dil - ero``, both (the classic morphological gradient);
+    - ``"sobel"``: 1 where the Sobel gradient magnitude of ``y`` exceeds 1/2 (``kernel_size`` unused), 0 elsewhere.
 
     Pixels beyond the image border are ignored (the border itself is not an edge).
     Non-float labels are converted to float32.
@@ -168,6 +193,8 @@ def label_edge_map(labels: torch.Tensor, kernel_size: int = 3, mode: str = "inne
     y = _float(labels)
     B, M = y.shape[:2]
     flat = y.reshape(B * M, *y.shape[2:])
+    if mode == "sobel":
+        return (_sobel_magnitude(flat) > 0.5).to(y.dtype).view_as(y)
     pool = F.max_pool2d if d == 2 else F.max_pool3d
     pad = kernel_size // 2
     dil = pool(flat, kernel_size, stride=1, padding=pad).view_as(y)
@@ -216,20 +243,22 @@ def task_augment(
     flip_p: float = 0.5,
     intensity_inversion_p: float = 0.5,
     edge_map_p: float = 0.25,
+    edge_mode: str = "inner",
     label_inversion: bool = False,
     label_inversion_p: float = 0.5,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Episode-level augmentation: images (B,M,C,*sp), labels (B,M,L,*sp) -> same shapes (float labels).
 
     In order: :func:`random_flip` (``flip_p`` per axis), :func:`random_intensity_inversion`,
-    :func:`random_label_edge_map` (inner boundary), and, only when ``label_inversion`` is True,
+    :func:`random_label_edge_map` (``edge_mode``: inner boundary by default, ``"sobel"``), and, only when
+    ``label_inversion`` is True,
     :func:`random_label_inversion`. Each decision is per episode and shared by its members.
     The draws happen in that order whatever the probabilities, so a seed gives one result.
     """
     _check_pair(images, labels)
     images, labels = random_flip(images, labels, generator, flip_p)
     images = random_intensity_inversion(images, generator, intensity_inversion_p)
-    labels = random_label_edge_map(labels, generator, edge_map_p)
+    labels = random_label_edge_map(labels, generator, edge_map_p, mode=edge_mode)
     if label_inversion:
         labels = random_label_inversion(labels, generator, label_inversion_p)
     return images, labels

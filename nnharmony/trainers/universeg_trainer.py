@@ -20,12 +20,16 @@ Options (trainer attributes, ``--trainer-options`` JSON; ``--holdout`` sets ``ho
 =========================== ==================== ==========================================================
  option                      default              meaning
 =========================== ==================== ==========================================================
+ preset                      None                 "paper": the paper's recipe (PRESETS; README); options
+                                                  after it in the JSON override it
  holdout                     []                   dataset ids/names never sampled in training
  image_size                  128 (2d) / 32 (3d)   network input size (int: square/cube, or a list); must be
                                                   divisible by 2**(len(encoder_blocks)-1)
- support_size                8                    S during training (released weights: 64)
- episode_batch_size          8                    episodes per step (split over DDP ranks)
- encoder_blocks              [64, 64, 64, 64]     UniverSeg widths (release: 4 x 64)
+ support_size                8 (3d on CPU: 2)     S during training, or the largest S drawn (release: 64)
+ min_support_size            None                 S drawn per batch in [min_support_size, support_size]
+ fit_support_size_to_memory  false                lower support_size until a step fits the memory
+ episode_batch_size          8 (3d on CPU: 2)     episodes per step (split over DDP ranks)
+ encoder_blocks              [64, 64, 64, 64]     UniverSeg widths (release: 4 x 64; 3d on CPU: 4 x 32)
  decoder_blocks              None                 default: encoder_blocks[-2::-1]
  cross_nonlinearity          None                 None (release) or "LeakyReLU" (paper formula)
  learning_rate               1e-4                 Adam (optimizer_name "adam"; "sgd"/"adamw" use nnU-Net's)
@@ -35,7 +39,10 @@ Options (trainer attributes, ``--trainer-options`` JSON; ``--holdout`` sets ``ho
  member_sampling             "uniform"            hierarchical: member (uniform), then task (uniform)
  in_task_augmentation        true                 per-image nnU-Net-style spatial + intensity augmentation
  task_augmentation           {}                   kwargs of task_augment (flip/inversion/edge maps); null: off
+ shared_augmentation_prob    0.0                  episodes whose images share ONE in-task-style transform
  synthetic_task_prob         0.0                  fraction of random-shape synthetic episodes
+ slice_axes                  [0]                  2d: axes 3D members are sliced along ([0, 1, 2]: all three)
+ estimate_iteration_time     true                 log the expected time per iteration before training
  crop                        "patch"              3d: "patch" (joint plan patch, resized) or "whole" volume
  num_workers                 None                 augmentation workers (None: $nnUNet_n_proc_DA, 0: in-process)
  validation_support_size     None                 S of the final validation (None: support_size)
@@ -64,6 +71,7 @@ Record: the network/episode configuration is stored in the joint plans saved wit
 from __future__ import annotations
 
 import math
+import os
 from os.path import join
 from typing import Any
 
@@ -75,6 +83,28 @@ from torch import distributed as dist, nn
 from nnharmony.trainers.nnharmony_trainer import nnHarmonyTrainer
 
 DEFAULT_IMAGE_SIZE = {2: 128, 3: 32}
+
+#: the paper's recipe (``--trainer-options '{"preset": "paper"}'``); options after ``preset`` in the JSON override it.
+#: Values the paper text available here does not give are marked in the README's list of departures.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "image_size": 128, "encoder_blocks": [64, 64, 64, 64], "cross_nonlinearity": None,
+        "support_size": 64, "min_support_size": 1, "fit_support_size_to_memory": True,
+        "dice_weight": 1.0, "bce_weight": 0.0, "learning_rate": 1e-4, "optimizer_name": "adam",
+        "member_sampling": "uniform", "in_task_augmentation": True, "shared_augmentation_prob": 0.5,
+        "task_augmentation": {"flip_p": 0.5, "intensity_inversion_p": 0.5, "edge_map_p": 0.25, "edge_mode": "sobel",
+                              "label_inversion": True, "label_inversion_p": 0.25},
+        "synthetic_task_prob": 0.5, "slice_axes": [0, 1, 2],
+    },
+}
+
+#: 3d_fullres defaults on a CPU (the GPU defaults, S 8 x episode batch 8 x width 64, did not finish 2 iterations in
+#: 25 min on 2 loaded cores); --trainer-options override them
+CPU_3D_DEFAULTS: dict[str, Any] = {"support_size": 2, "episode_batch_size": 2, "encoder_blocks": [32, 32, 32, 32]}
+
+#: peak training memory per episode image (query or support), float32, 2D 128^2, blocks of 64: 56 MB, measured on
+#: CPU as the max-RSS difference of forward+backward with S = 3 and S = 11; scaled linearly in pixels and width
+BYTES_PER_IMAGE_128_W64 = 56e6
 
 
 class SoftDiceBCELoss(nn.Module):
@@ -134,11 +164,33 @@ class UniverSegTrainer(nnHarmonyTrainer):
         self.task_augmentation: dict | None = {}
         self.synthetic_task_prob = 0.0
         self.crop = rec.get("crop", "patch")
+        self.min_support_size: int | None = rec.get("min_support_size")
+        self.slice_axes: list[int] = list(rec.get("slice_axes", [0]))
+        self.shared_augmentation_prob = 0.0
+        self.fit_support_size_to_memory = False
+        self.estimate_iteration_time = True
+        self._preset: str | None = None
+        if self.dim == 3 and self.device.type == "cpu" and not rec:
+            for k, v in CPU_3D_DEFAULTS.items():
+                setattr(self, k, v)
         self.num_workers: int | None = None
         self.validation_support_size: int | None = None
         self.validation_max_cases = 10
 
     # ------------------------------------------------------------------ configuration
+    @property
+    def preset(self) -> str | None:
+        """A named recipe (:data:`PRESETS`); setting it sets its options at once, so options given after it win."""
+        return self._preset
+
+    @preset.setter
+    def preset(self, name: str | None) -> None:
+        if name is not None and name not in PRESETS:
+            raise ValueError(f"unknown UniverSeg preset {name!r}; known: {', '.join(PRESETS)}")
+        self._preset = name
+        for k, v in (PRESETS[name] if name else {}).items():
+            setattr(self, k, v)
+
     def _image_size(self) -> tuple[int, ...]:
         s = self.image_size if self.image_size is not None else DEFAULT_IMAGE_SIZE[self.dim]
         size = (int(s),) * self.dim if isinstance(s, (int, float)) else tuple(int(i) for i in s)
@@ -165,6 +217,8 @@ class UniverSegTrainer(nnHarmonyTrainer):
             "cross_nonlinearity": self.cross_nonlinearity, "support_size": int(self.support_size),
             "episode_batch_size": int(self.episode_batch_size), "configuration": self.configuration_name,
             "holdout": [self.spec.members[i].dataset_id for i in held], "crop": self.crop,
+            "min_support_size": None if self.min_support_size is None else int(self.min_support_size),
+            "slice_axes": [int(a) for a in self.slice_axes], "preset": self.preset,
         }
 
     def episode_config(self):
@@ -179,21 +233,89 @@ class UniverSegTrainer(nnHarmonyTrainer):
                              crop_size=crop, query_foreground_prob=self.query_foreground_prob,
                              support_foreground_prob=self.support_foreground_prob,
                              in_task_augmentation=bool(self.in_task_augmentation), task_augmentation=task_aug,
-                             synthetic_task_prob=self.synthetic_task_prob, member_sampling=self.member_sampling)
+                             synthetic_task_prob=self.synthetic_task_prob, member_sampling=self.member_sampling,
+                             min_support_size=self.min_support_size, slice_axes=tuple(self.slice_axes),
+                             shared_augmentation_prob=self.shared_augmentation_prob)
 
     def _episode_batch_size(self) -> int:
         if not self.is_ddp:
             return int(self.episode_batch_size)
         return max(1, math.ceil(int(self.episode_batch_size) / dist.get_world_size()))
 
+    def _memory_budget_bytes(self) -> float:
+        """What one training step may use: 70 % of the GPU's memory, or half of the machine's available memory."""
+        if self.device.type == "cuda":
+            return 0.7 * torch.cuda.get_device_properties(self.device).total_memory
+        pages, size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        return 0.5 * pages * size
+
+    def fit_support_size(self) -> None:
+        """Lower ``support_size`` (the largest S drawn) until ``episode_batch_size x (S + 1)`` episode images fit
+        :meth:`_memory_budget_bytes` (estimate: :data:`BYTES_PER_IMAGE_128_W64`, linear in pixels and width)."""
+        size = self._image_size()
+        width = max(max(b) if isinstance(b, (list, tuple)) else int(b) for b in _blocks(self.encoder_blocks))
+        per_image = BYTES_PER_IMAGE_128_W64 * (np.prod(size) / 128 ** 2) * (width / 64) * (3 if self.dim == 3 else 1)
+        fits = int(self._memory_budget_bytes() // (per_image * self._episode_batch_size())) - 1
+        if fits < self.support_size:
+            new = max(1, fits)
+            self.print_to_log_file(f"support size: at most {new} instead of {self.support_size} (episode batch "
+                                   f"{self._episode_batch_size()} x (S + 1) images of ~{per_image / 1e6:.0f} MB must "
+                                   f"fit {self._memory_budget_bytes() / 1e9:.1f} GB)")
+            self.support_size = new
+            if self.min_support_size is not None:
+                self.min_support_size = min(int(self.min_support_size), new)
+
     def initialize(self):
         if not self.was_initialized:
+            if self.fit_support_size_to_memory:
+                self.fit_support_size()
             cfg = self.universeg_config()
             self.episode_config()  # validates the episode options before anything is built
             plans = self.plans_manager.plans
             plans["nnharmony"] = {**plans["nnharmony"], "universeg": cfg}
         super().initialize()
         self.batch_size = self._episode_batch_size()
+
+    def expected_iteration_seconds(self) -> tuple[float, str]:
+        """Time one training iteration will take, from one timed forward + backward on a tiny setting: episode
+        batch 1, S = 1, half the image size per axis (same width), scaled linearly by pixels and by episode
+        images (``episode_batch_size x (S_mean + 1)``). Returns ``(seconds, how it was measured)``."""
+        import time
+
+        net = self.unwrapped_network()
+        size = self._image_size()
+        mult = net.size_multiple
+        small = tuple(max(mult, (s // 2) // mult * mult) for s in size)
+        x = torch.rand(1, 1, *small, device=self.device)
+        sx = torch.rand(1, 1, 1, *small, device=self.device)
+        sy = (torch.rand(1, 1, 1, *small, device=self.device) > 0.5).float()
+        was_training = net.training
+        net.train()
+        times = []
+        for _ in range(2):  # the first call pays one-off costs (allocator, kernels)
+            t0 = time.perf_counter()
+            net(x, sx, sy).float().mean().backward()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            times.append(time.perf_counter() - t0)
+        net.zero_grad(set_to_none=True)
+        net.train(was_training)
+        s_mean = self.support_size if self.min_support_size is None else (self.support_size + self.min_support_size) / 2
+        images = self._episode_batch_size() * (s_mean + 1)
+        scale = float(np.prod(size) / np.prod(small)) * images / 2
+        how = (f"forward+backward of 1 episode with S = 1 at {'x'.join(map(str, small))}: {times[-1]:.2f} s, x "
+               f"{np.prod(size) / np.prod(small):.0f} (pixels) x {images / 2:.1f} (episode batch "
+               f"{self._episode_batch_size()} x (mean S {s_mean:g} + 1) images / 2)")
+        return times[-1] * scale, how
+
+    def on_train_start(self):
+        super().on_train_start()
+        if self.estimate_iteration_time and self.local_rank == 0:
+            sec, how = self.expected_iteration_seconds()
+            per_epoch = sec * (self.num_iterations_per_epoch + self.num_val_iterations_per_epoch / 3)
+            self.print_to_log_file(f"expected time per training iteration: ~{sec:.1f} s, per epoch of "
+                                   f"{self.num_iterations_per_epoch} iterations ~{per_epoch / 60:.1f} min "
+                                   f"({how}; augmentation and data loading not included)")
 
     def extra_checkpoint_state(self) -> dict:
         return {"universeg": self.universeg_config()}
