@@ -107,7 +107,10 @@ def _run_main(module: str, argv: list[str], env: dict) -> subprocess.CompletedPr
     ("train", ["951", "3d_fullres", "0"], "951 is the id of dataset Dataset951_A, a member of Collection950_Fake"),
     ("train", ["950", "3d_fulres", "0"], "Close matches: 3d_fullres"),
     ("train", ["950", "3d_fullres", "0", "-p", "nnHarmonyPlan"], "Close matches: nnHarmonyPlans"),
-    ("predict", ["-i", "x", "-o", "y", "-d", "950", "-tr", "UHarmonyTrainr"], "no trained model in $nnUNet_results"),
+    ("predict", ["-i", "x", "-o", "y", "-d", "950", "-tr", "UHarmonyTrainr"], "Close matches: UHarmonyTrainer"),
+    ("predict", ["-i", "x", "-o", "y", "-d", "950"], "collection Collection950_Fake has no folder in $nnUNet_results"),
+    ("predict", ["-i", "x", "-o", "y", "-c", "Collection949_Old"],  # the old spelling, a missing collection
+     "Collection949_Old/nnHarmonyTrainer__nnHarmonyPlans__3d_fullres: no trained model"),
     ("plan_and_preprocess", ["-d", "951", "-n", "Collection950_Fake", "-pl", "ExperimentPlaner"],
      "Close matches: ExperimentPlanner"),
 ])
@@ -115,7 +118,8 @@ def test_wrong_names_fail_before_nnunet_is_imported(fake_planned, module, argv, 
     r = _run_main(module, argv, fake_planned)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    lines = r.stderr.strip().splitlines()  # one error line, after deprecation warnings if any
+    assert lines[-1].startswith("error: ") and all(x.startswith("warning: ") for x in lines[:-1]), r.stderr
     assert "IMPORTED False False" in r.stdout
 
 

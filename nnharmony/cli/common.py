@@ -93,7 +93,7 @@ def apply_old_collection_flags(args: argparse.Namespace, collection_exists: Call
     old_cfg = getattr(args, "old_cfg", None)
     if args.collection is None and args.cfg not in (None, default_configuration) or (
             args.collection is None and old_cfg is not None):
-        if old_cfg is None:
+        if old_cfg is None and not args.cfg.startswith("Collection"):  # no configuration is named so
             try:
                 collection_exists(args.cfg)
             except (FileNotFoundError, ValueError):

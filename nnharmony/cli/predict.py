@@ -85,7 +85,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"-npp and -nps must be 0 or more, got {args.npp} and {args.nps}")
     if not 0 < args.step_size <= 1:
         raise ValueError(f"-step_size must be in (0, 1], got {args.step_size}")
-    args.collection = preflight.trained_collection(args.collection)
+    args.collection = preflight.resolve_trained(args.collection)
     preflight.check_trainer(args.tr)
     if args.cfg is None:
         args.cfg = _default_configuration(args.collection, args.tr, args.p)
@@ -95,6 +95,8 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"-f: folds are integers or 'all', got {bad}")
     if args.support is None:  # in-context models (--support) are checked by their own predictor
         preflight.check_trained_model(args.collection, args.tr, args.p, args.cfg, args.f, args.chk)
+    else:
+        preflight.trained_collection(args.collection)
 
 
 def _default_configuration(collection: str, trainer: str, plans: str) -> str:

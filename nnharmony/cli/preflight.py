@@ -74,6 +74,12 @@ def trained_collection(name_or_id: str) -> str:
     return name
 
 
+def resolve_trained(name_or_id: str) -> str:
+    """A collection's name from its name or id, looked up in ``$nnUNet_results`` too; its model folder is
+    checked by :func:`check_trained_model`, whose message names the missing folder."""
+    return _resolve(name_or_id)
+
+
 def _resolve(name_or_id: str) -> str:
     text = str(name_or_id)
     if text.isdigit() and not collection_candidates(int(text), [preprocessed_dir()] + (
@@ -203,6 +209,11 @@ def check_trained_model(collection: str, trainer: str, plans: str, configuration
                         folds: list[str] | None, checkpoint: str) -> Path:
     """The model folder of ``-tr -p -c`` exists and holds ``fold_F/CHECKPOINT`` for every fold given."""
     folder = results_dir() / collection / model_folder_name(trainer, plans, configuration)
+    if not (results_dir() / collection).is_dir():
+        known = _collections_in(results_dir(), None)
+        raise FileNotFoundError(f"{folder}: no trained model: collection {collection} has no folder in "
+                                f"$nnUNet_results.{close_matches(collection, known)}"
+                                + (f" Trained: {', '.join(known)}." if known else ""))
     if not folder.is_dir():
         trained = trained_model_folders(collection)
         raise FileNotFoundError(
