@@ -42,8 +42,15 @@ def exit_on_user_error(main: Callable) -> Callable:
     return wrapper
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every flag's help ends with its default; the examples of the epilog keep their lines."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every flag's help ends with its default (unless the help says it, or there is none: None or off); the
+    examples of the epilog keep their lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
 
 
 def make_parser(prog: str, description: str, examples: Sequence[str] = ()) -> argparse.ArgumentParser:
@@ -79,8 +86,9 @@ def add_collection_flags(parser: argparse.ArgumentParser, collection_help: str, 
     previous release (``-c``/``--collection`` for the collection, ``-cfg`` for the configuration) are kept for
     one release (:func:`apply_old_collection_flags`)."""
     parser.add_argument("-d", dest="collection", default=None,
-                        help=f"{collection_help}: name (Collection900_Synth) or id (900); required")
-    parser.add_argument("-c", dest="cfg", default=default_configuration, help=configuration_help)
+                        help=f"{collection_help}: name (Collection900_Synthetic) or id (900); required")
+    parser.add_argument("-c", dest="cfg", default=default_configuration, metavar="CONFIGURATION",
+                        help=configuration_help)
     add_deprecated_alias(parser, "--collection", "-d COLLECTION", "collection")
     add_deprecated_alias(parser, "-cfg", "-c CONFIGURATION", "old_cfg")
 

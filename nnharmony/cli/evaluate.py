@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Per-member, per-label Dice (nnU-Net's metrics) and normalized surface Dice of predicted "
         "segmentations; writes summary.json, results.md and results.csv.",
         ("nnharmony_evaluate -ref $nnUNet_raw/Dataset902_SynthMRI/labelsTs -pred pred902 -d 902 -o eval902",
-         "nnharmony_evaluate -pred pred_all -c Collection900_Synth --nsd-tolerance 1"))
+         "nnharmony_evaluate -pred pred_all -c Collection900_Synthetic --nsd-tolerance 1"))
     p.add_argument("-ref", default=None,
                    help="reference folder (-d: default $nnUNet_raw/DatasetXXX/labelsTr; -c: reference root holding "
                         "DatasetXXX_Name/labelsTr or DatasetXXX_Name/, default $nnUNet_raw)")

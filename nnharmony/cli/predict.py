@@ -15,7 +15,7 @@ from nnharmony.cli.common import (add_collection_flags, add_deprecated_alias, ap
 
 EXAMPLES = (
     "nnharmony_predict -i val902/images -o pred902 -d 900 -c 3d_fullres -f 0 --member 902 -device cpu",
-    "nnharmony_predict -i IN -o OUT -d Collection900_Synth -c 3d_fullres -tr UHarmonyTrainer --member auto",
+    "nnharmony_predict -i IN -o OUT -d Collection900_Synthetic -c 3d_fullres -tr UHarmonyTrainer --member auto",
     "nnharmony_predict -i IN -o OUT -d 900 -c 3d_fullres --member 902 -num_parts 2 -part_id 0   # and -part_id 1",
 )
 

@@ -13,7 +13,7 @@ from nnharmony.cli.common import exit_on_user_error, make_parser, parse_fold, pa
 
 EXAMPLES = (
     "nnharmony_train 900 3d_fullres 0 -tr nnHarmonyTrainer -device cpu --epochs 20 --iterations-per-epoch 50",
-    "nnharmony_train Collection900_Synth 3d_fullres 0 -tr UHarmonyTrainer --c          # continue",
+    "nnharmony_train Collection900_Synthetic 3d_fullres 0 -tr UHarmonyTrainer --c          # continue",
     "nnharmony_train 900 2d all -tr HermesTrainer --trainer-options '{\"initial_lr\": 0.001}'",
     "nnharmony_train 900 3d_fullres 0 -tr nnUNetTrainer   # per-dataset paradigm: one nnU-Net per member",
 )
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Train on a collection. -tr names an nnharmony trainer, a trainer of a package registered under the "
         "entry-point group 'nnharmony.trainers', or an nnU-Net trainer (then one plain nnU-Net is trained per "
         "member on the collection's folds).", EXAMPLES)
-    p.add_argument("collection", help="collection name (Collection900_Synth) or id (900), as planned by "
+    p.add_argument("collection", help="collection name (Collection900_Synthetic) or id (900), as planned by "
                                       "nnharmony_plan_and_preprocess -n")
     p.add_argument("configuration", help="configuration of the joint plans, e.g. 3d_fullres or 2d")
     p.add_argument("fold", type=parse_fold,
