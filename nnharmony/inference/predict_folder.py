@@ -202,6 +202,18 @@ def _preprocessed(predictor, items: list[tuple[str, list[str], int | None]],
         pool.shutdown(cancel_futures=True)
 
 
+def _export_in_worker(*args) -> None:
+    """:func:`export_case` in an ``-nps`` worker; a full disk comes back as its one-line message
+    (``DiskFullError`` cannot be rebuilt from its pickled arguments)."""
+    from nnharmony.inference.predictor import export_case
+    from nnharmony.utils.io import DiskFullError
+
+    try:
+        export_case(*args)
+    except DiskFullError as e:
+        raise ValueError(str(e)) from None
+
+
 class _Exporter:
     """Resampling and writing of predictions, in this process or in ``num_processes`` workers (nnU-Net's
     ``-nps``); at most two exports per worker wait, so memory stays bounded when the network is faster."""
@@ -218,11 +230,9 @@ class _Exporter:
         if self.pool is None:
             self.predictor.export(logits, props, ctx, output_file_truncated, save_probabilities, task_ids)
             return
-        from nnharmony.inference.predictor import export_case
-
         while len(self.pending) >= self.limit:
             self.pending.popleft().result()
-        self.pending.append(self.pool.submit(export_case, logits.cpu(), props, ctx, output_file_truncated,
+        self.pending.append(self.pool.submit(_export_in_worker, logits.cpu(), props, ctx, output_file_truncated,
                                              save_probabilities, task_ids))
 
     def close(self) -> None:
