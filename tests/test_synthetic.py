@@ -207,3 +207,23 @@ def test_cli(tmp_path, monkeypatch, capsys):
     assert "already taken" in capsys.readouterr().err
     assert main(["--cases", "1", "--shape", "12", "16", "16", "--members", "1", "--first-id", "501", "--seed", "9",
                  "--overwrite"]) == 0
+
+
+def test_quick_preset_members_carry_their_fold0_split(tmp_path):
+    from nnharmony.dataset_conversion.synthetic import QUICK_MEMBERS, synthetic_splits
+
+    folders = make_synthetic_collection(tmp_path, first_id=961, shape=(12, 16, 16), members=QUICK_MEMBERS)
+    assert [f.name for f in folders] == ["Dataset961_SynthCT", "Dataset962_SynthT1", "Dataset963_SynthT2Few"]
+    djs = [_dj(f) for f in folders]
+    assert [d["channel_names"] for d in djs] == [{"0": "CT"}, {"0": "T1"}, {"0": "T2"}]
+    assert djs[2]["labels"] == {"background": 0, "liver": 1, "spleen": 2}  # the few-shot member shares the CT's anatomy
+    splits = [synthetic_splits(f) for f in folders]
+    assert [(len(s[0]["train"]), len(s[0]["val"])) for s in splits] == [(8, 4), (8, 4), (3, 5)]
+    assert splits[2][0]["train"] == ["syntht2few_000", "syntht2few_001", "syntht2few_002"]
+    assert not set(splits[2][0]["train"]) & set(splits[2][0]["val"])
+    # the same preset again is reused; default members have no split of their own
+    assert make_synthetic_collection(tmp_path, first_id=961, shape=(12, 16, 16), members=QUICK_MEMBERS) == folders
+    (plain,) = make_synthetic_collection(tmp_path / "plain", num_cases=1, shape=(12, 16, 16), num_members=1)
+    assert synthetic_splits(plain) is None
+    with pytest.raises(CollectionError, match="training and one validation"):
+        make_synthetic_collection(tmp_path / "bad", members=[QUICK_MEMBERS[0].__class__(QUICK_MEMBERS[0].template, 1, 0)])

@@ -17,11 +17,14 @@ members (ids first-id, first-id+1, ...):
 examples:
   nnharmony_make_synthetic                                # 3 members x 10 cases of about 48^3 in $nnUNet_raw
   nnharmony_make_synthetic --members 5 --cases 40 --shape 96 128 128 --seed 1 -o /data/nnUNet_raw
+  nnharmony_make_synthetic --preset quick --first-id 961 --shape 20 48 48   # nnharmony_benchmark --quick's data
   nnharmony_plan_and_preprocess -d 901 902 903 -n Collection900_Synthetic
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nnharmony.dataset_conversion.synthetic import MEMBER_PRESETS
+
     p = argparse.ArgumentParser(
         prog="nnharmony_make_synthetic",
         description="Write a collection of small synthetic abdominal datasets (different modalities, intensity "
@@ -38,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="field of view in mm = voxels of the 1 mm member (default: 48 48 48)")
     p.add_argument("--members", type=int, default=3, help="number of member datasets (default: 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--preset", default=None, choices=sorted(MEMBER_PRESETS),
+                   help="members of a preset instead of --members/--cases: 'quick' = nnharmony_benchmark --quick's "
+                        "(CT and T1 with 8 training + 4 validation cases, a T2 member with 3 + 5; each writes its "
+                        "fold-0 split, see nnharmony.dataset_conversion.synthetic.synthetic_splits)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace datasets that already use these ids (otherwise refused)")
     return p
@@ -45,12 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from nnharmony.dataset_conversion.synthetic import make_synthetic_collection
+    from nnharmony.dataset_conversion.synthetic import MEMBER_PRESETS, make_synthetic_collection
 
     try:
         folders = make_synthetic_collection(
             out_root=args.output, first_id=args.first_id, num_cases=args.cases, shape=tuple(args.shape),
             seed=args.seed, num_members=args.members, overwrite=args.overwrite, verbose=True,
+            members=MEMBER_PRESETS[args.preset] if args.preset else None,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"nnharmony_make_synthetic: error: {e}", file=sys.stderr)
