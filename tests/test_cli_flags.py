@@ -220,8 +220,11 @@ def test_worker_processes_give_the_same_prediction(quick_model, synthetic_collec
     import numpy as np
     import SimpleITK as sitk
 
+    from nnharmony.inference.predict_folder import MIN_CASES_FOR_WORKERS
+
     inp = tmp_path / "in"
-    cases = _input_folder(synthetic_collection, inp)
+    cases = _input_folder(synthetic_collection, inp, n=MIN_CASES_FOR_WORKERS)
+    assert len(cases) == MIN_CASES_FOR_WORKERS
     _predict(synthetic_collection, inp, tmp_path / "seq", "-npp", "0", "-nps", "0")
     _predict(synthetic_collection, inp, tmp_path / "par", "-npp", "1", "-nps", "1")
     for c in cases:

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "written atomically, so an existing one is complete)")
     p.add_argument("-npp", type=int, default=_env_int("nnUNet_npp", 3),
                    help="processes preprocessing cases ahead of the network (0 with -nps 0: no worker processes; "
-                        "default from $nnUNet_npp, else 3)")
+                        "fewer than 4 cases run in one process; default from $nnUNet_npp, else 3)")
     p.add_argument("-nps", type=int, default=_env_int("nnUNet_nps", 3),
                    help="processes resampling and writing predictions (default from $nnUNet_nps, else 3)")
     p.add_argument("-num_parts", type=int, default=1,

@@ -161,6 +161,17 @@ def is_predicted(output_folder: Path, case: str, endings: set[str], save_probabi
     return any((output_folder / (case + e)).is_file() for e in endings)
 
 
+#: fewer cases than this are predicted in one process: a worker's start (importing torch and nnU-Net) costs
+#: seconds on a CPU, more than it saves on a few cases
+MIN_CASES_FOR_WORKERS = 4
+
+
+def worker_count(requested: int, num_cases: int) -> int:
+    """Worker processes for ``num_cases`` cases (``-npp``/``-nps``): none for a few cases, never more than the
+    cases after the first."""
+    return 0 if num_cases < MIN_CASES_FOR_WORKERS else max(0, min(requested, num_cases - 1))
+
+
 def _spawn_pool(num_processes: int) -> ProcessPoolExecutor | None:
     """Worker processes (spawned, as nnU-Net's, so that no forked torch state is shared); None for 0."""
     return ProcessPoolExecutor(num_processes, mp_context=multiprocessing.get_context("spawn")) if num_processes else None
@@ -295,13 +306,11 @@ def predict_folder(predictor, input_folder: str | Path, output_folder: str | Pat
     done = f", {len(part) - len(todo)} already predicted (--continue_prediction)" if not overwrite else ""
     print(f"{len(todo)} case(s) to predict{where}{done}")
     info: dict[str, dict] = {}
-    # a worker overlaps one case with another: never more workers than cases after the first (each costs an import
-    # of torch and nnU-Net)
-    exporter = _Exporter(predictor, max(0, min(num_processes_export, len(todo) - 1)))
+    exporter = _Exporter(predictor, worker_count(num_processes_export, len(todo)))
     try:
         bar = tqdm(total=len(todo), desc="predicting", unit="case", disable=not progress_bar)
-        for case, files, idx, extra, data, props in _preprocessed(predictor, todo,
-                                                                  max(0, min(num_processes_preprocessing, len(todo) - 1))):
+        for case, files, idx, extra, data, props in _preprocessed(
+                predictor, todo, worker_count(num_processes_preprocessing, len(todo))):
             logits = predictor.predict_logits(data, idx)
             exporter.submit(logits, props, idx, str(out / case), save_probabilities, task_ids)
             info[case] = {"dataset": spec.members[idx].dataset_name, "domain": spec.members[idx].domain, **extra}
