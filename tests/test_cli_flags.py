@@ -109,6 +109,8 @@ def _run_main(module: str, argv: list[str], env: dict) -> subprocess.CompletedPr
     ("train", ["950", "3d_fullres", "0", "-p", "nnHarmonyPlan"], "Close matches: nnHarmonyPlans"),
     ("predict", ["-i", "x", "-o", "y", "-d", "950", "-tr", "UHarmonyTrainr"], "Close matches: UHarmonyTrainer"),
     ("predict", ["-i", "x", "-o", "y", "-d", "950"], "collection Collection950_Fake has no folder in $nnUNet_results"),
+    ("predict", ["-i", "x", "-o", "y", "-d", "950", "-tr", "nnUNetTrainer"], "predict them with nnUNetv2_predict"),
+    ("train", ["Collection999_Missing", "3d_fullres", "0"], "collection Collection999_Missing was not planned"),
     ("predict", ["-i", "x", "-o", "y", "-c", "Collection949_Old"],  # the old spelling, a missing collection
      "Collection949_Old/nnHarmonyTrainer__nnHarmonyPlans__3d_fullres: no trained model"),
     ("plan_and_preprocess", ["-d", "951", "-n", "Collection950_Fake", "-pl", "ExperimentPlaner"],

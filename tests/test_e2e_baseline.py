@@ -64,8 +64,8 @@ def test_predict_folder_and_evaluate(baseline_model, synthetic_collection, tmp_p
     m = spec.members[member_index]
     inp, out = tmp_path / "in", tmp_path / "out"
     cases = make_input_folder(synthetic_collection, member_index, inp)
-    predict_cli.main(["-i", str(inp), "-o", str(out), "-c", synthetic_collection["name"], "-tr", "nnHarmonyTrainer",
-                      "--dataset", str(m.dataset_id), "-device", "cpu", "--disable_tta"])
+    predict_cli.main(["-i", str(inp), "-o", str(out), "-d", synthetic_collection["name"], "-tr", "nnHarmonyTrainer",
+                      "--member", str(m.dataset_id), "-device", "cpu", "--disable_tta"])
     allowed = {0} | {v for t in m.tasks for v in t.values}
     for c in cases:
         pred = sitk.ReadImage(str(out / f"{c}.nii.gz"))
@@ -86,7 +86,7 @@ def test_predict_only_some_tasks(baseline_model, synthetic_collection, tmp_path)
     keep = m.tasks[0]
     inp, out = tmp_path / "in", tmp_path / "out"
     cases = make_input_folder(synthetic_collection, 0, inp)
-    predict_cli.main(["-i", str(inp), "-o", str(out), "-c", synthetic_collection["name"], "--dataset",
+    predict_cli.main(["-i", str(inp), "-o", str(out), "-d", synthetic_collection["name"], "--member",
                       str(m.dataset_id), "-device", "cpu", "--disable_tta", "--tasks", keep.task])
     for c in cases:
         values = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{c}.nii.gz")))).tolist())
@@ -104,7 +104,7 @@ def test_bad_inputs(baseline_model, synthetic_collection, tmp_path, capsys):
     assert "was not planned" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit):
-        predict_cli.main(["-i", str(tmp_path / "empty"), "-o", str(tmp_path / "o"), "-c", name, "--dataset",
+        predict_cli.main(["-i", str(tmp_path / "empty"), "-o", str(tmp_path / "o"), "-d", name, "--member",
                           str(spec.members[0].dataset_id), "-device", "cpu"])
     assert "no '*.nii.gz' images found" in capsys.readouterr().err
     # a two-channel member's images given as a one-channel member's
@@ -112,15 +112,15 @@ def test_bad_inputs(baseline_model, synthetic_collection, tmp_path, capsys):
     one = next(i for i, m in enumerate(spec.members) if len(m.channels) == 1)
     make_input_folder(synthetic_collection, two, tmp_path / "two")
     with pytest.raises(SystemExit):
-        predict_cli.main(["-i", str(tmp_path / "two"), "-o", str(tmp_path / "o"), "-c", name, "--dataset",
+        predict_cli.main(["-i", str(tmp_path / "two"), "-o", str(tmp_path / "o"), "-d", name, "--member",
                           str(spec.members[one].dataset_id), "-device", "cpu"])
     assert "expects 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        predict_cli.main(["-i", str(tmp_path / "two"), "-o", str(tmp_path / "o"), "-c", name, "--dataset", "auto",
+        predict_cli.main(["-i", str(tmp_path / "two"), "-o", str(tmp_path / "o"), "-d", name, "--member", "auto",
                           "-device", "cpu"])
     assert "cannot infer the dataset" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        predict_cli.main(["-i", str(tmp_path / "two"), "-o", str(tmp_path / "o"), "-c", name, "-tr", "nnUNetTrainer",
+        predict_cli.main(["-i", str(tmp_path / "two"), "-o", str(tmp_path / "o"), "-d", name, "-tr", "nnUNetTrainer",
                           "-device", "cpu"])
     assert "predict them with nnUNetv2_predict" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.nii.gz"))

@@ -87,6 +87,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"-step_size must be in (0, 1], got {args.step_size}")
     args.collection = preflight.resolve_trained(args.collection)
     preflight.check_trainer(args.tr)
+    if preflight.is_plain_nnunet_trainer(args.tr):
+        raise ValueError(plain_trainer_message(args.tr))
     if args.cfg is None:
         args.cfg = _default_configuration(args.collection, args.tr, args.p)
     if args.f is not None:
@@ -97,6 +99,11 @@ def check_arguments(args: argparse.Namespace) -> None:
         preflight.check_trained_model(args.collection, args.tr, args.p, args.cfg, args.f, args.chk)
     else:
         preflight.trained_collection(args.collection)
+
+
+def plain_trainer_message(trainer: str) -> str:
+    return (f"{trainer} is a plain nnU-Net trainer: its models are the per-dataset paradigm, one per member in "
+            f"$nnUNet_results/DatasetXXX_Name/; predict them with nnUNetv2_predict -d DATASET -tr {trainer}")
 
 
 def _default_configuration(collection: str, trainer: str, plans: str) -> str:
@@ -126,9 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     from nnharmony.trainers.nnharmony_trainer import nnHarmonyTrainer
 
     if not issubclass(trainer_class, nnHarmonyTrainer):
-        raise ValueError(f"{args.tr} is a plain nnU-Net trainer: its models are the per-dataset paradigm, one per "
-                         f"member in $nnUNet_results/DatasetXXX_Name/; predict them with nnUNetv2_predict -d DATASET "
-                         f"-tr {args.tr}")
+        raise ValueError(plain_trainer_message(args.tr))
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("-device cuda was requested but no CUDA device is available; use -device cpu")
     # before a model is loaded: -i exists, -o is not -i (nor --support) and can be written

@@ -56,7 +56,7 @@ def planned_collection(name_or_id: str) -> str:
     if not (preprocessed_dir() / name / COLLECTION_SPEC_FILE).is_file():
         planned = _collections_in(preprocessed_dir(), COLLECTION_SPEC_FILE)
         raise FileNotFoundError(
-            f"collection {name}: not planned (no {preprocessed_dir() / name / COLLECTION_SPEC_FILE}); run "
+            f"collection {name} was not planned: {preprocessed_dir() / name / COLLECTION_SPEC_FILE} is missing; run "
             f"nnharmony_plan_and_preprocess -d ... -n {name} first.{close_matches(name, planned)}"
             + (f" Planned: {', '.join(planned)}." if planned and not close_matches(name, planned) else ""))
     return name
@@ -172,6 +172,13 @@ def trainer_names() -> set[str]:
     for folder in filter(None, os.environ.get("nnUNet_extTrainer", "").split(os.pathsep)):
         names |= _class_names(Path(folder))
     return names
+
+
+def is_plain_nnunet_trainer(name: str) -> bool:
+    """A trainer of nnunetv2 (or ``$nnUNet_extTrainer``) and not of nnharmony or a registered package: the
+    per-dataset paradigm, whose models are plain nnU-Net models."""
+    ours = _class_names(NNHARMONY_ROOT / "trainers") | _registered_class_names("nnharmony.trainers")
+    return name not in ours and name in trainer_names()
 
 
 def planner_names() -> set[str]:
