@@ -3,7 +3,11 @@ support-set ensembling, next to a supervised nnU-Net (nnHarmonyTrainer) trained 
 Markdown table; not a test.
 
 1. Data: the built-in synthetic collection (``--members`` members, ``--num-cases`` cases each) is made and
-   planned for ``--configuration`` in ``--workdir`` (``$nnUNet_*`` point there; reused on a second run).
+   planned for ``--configuration`` in ``--workdir`` (``$nnUNet_*`` point there; reused on a second run). Or,
+   with ``--spec FILE``, a real-data collection (e.g. ``benchmarks/real_data/R2_2d.collection.json``: seven
+   2D datasets, 21 tasks): members missing from ``WORKDIR/raw`` are imported with
+   ``benchmarks/real_data/import_all.py``, the collection is planned from the spec, and ``--holdout`` (one of
+   its member ids) is left out of UniverSeg's training: a leave-one-dataset-out split.
 2. UniverSeg: ``nnharmony_train COLL CFG 0 -tr UniverSegTrainer --holdout H`` for ``--budget-minutes`` of
    wall-clock training (``wall_clock_budget_minutes``; the held-out member is never sampled).
 3. Supervised reference: a one-member collection of the held-out dataset, ``nnHarmonyTrainer`` (nnU-Net's
@@ -22,6 +26,14 @@ Markdown table; not a test.
         --workdir /tmp/nnharmony_universeg_hippo --members 3 --budget-minutes 5 -device cpu
     python benchmarks/universeg_support_size.py --budget-minutes 0.5 -device cpu \\
         --universeg-options '{"image_size": 32, "encoder_blocks": [16, 16, 16]}'
+    # real 2D tasks, PH2 dermoscopy held out, the paper preset scaled to a CPU
+    python benchmarks/universeg_support_size.py --spec benchmarks/real_data/R2_2d.collection.json \\
+        --holdout 936 --workdir /tmp/useg --budget-minutes 12 --supervised-budget-minutes 5 -device cpu \\
+        --universeg-options '{"preset": "paper", "image_size": 64, "encoder_blocks": [32, 32, 32, 32],
+                              "support_size": 8, "episode_batch_size": 4}'
+
+``--train universeg`` / ``--train supervised`` trains only one of the two models (the other is reused from
+``--workdir``), so they can run at different times; ``--train`` with nothing evaluates only.
 """
 from __future__ import annotations
 
@@ -59,10 +71,17 @@ def parse_args(argv=None):
     p.add_argument("--shape", type=int, nargs=3, default=(32, 32, 32))
     p.add_argument("--holdout", type=int, default=902)
     p.add_argument("--configuration", default="2d", choices=["2d", "3d_fullres"])
-    p.add_argument("--budget-minutes", type=float, default=2.0, help="wall-clock training budget of EACH model")
+    p.add_argument("--budget-minutes", type=float, default=2.0, help="wall-clock training budget of UniverSeg")
+    p.add_argument("--supervised-budget-minutes", type=float, default=None,
+                   help="wall-clock training budget of the supervised model (default: --budget-minutes)")
+    p.add_argument("--spec", default=None, metavar="FILE",
+                   help="real-data collection spec (members imported with benchmarks/real_data/import_all.py)")
+    p.add_argument("--train", nargs="*", default=["universeg", "supervised"], choices=["universeg", "supervised"],
+                   help="models to train (others are reused from --workdir)")
+    p.add_argument("--train-only", action="store_true", help="stop after training (evaluate in a later run)")
     p.add_argument("--iterations-per-epoch", type=int, default=50)
     p.add_argument("--support-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--ensemble", type=int, default=5)
+    p.add_argument("--ensemble", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3, help="seeds averaged per (S, K)")
     p.add_argument("--universeg-options", default="{}", help="JSON trainer options of UniverSegTrainer")
     p.add_argument("--skip-training", action="store_true", help="reuse the trained models in --workdir")
@@ -76,15 +95,35 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.extra_dataset is not None:
         args.holdout = args.extra_id
+    if args.skip_training:
+        args.train = []
+    if args.supervised_budget_minutes is None:
+        args.supervised_budget_minutes = args.budget_minutes
     return args
 
 
-def train(collection: str, cfg: str, trainer: str, args, options: dict) -> None:
+def train(collection: str, cfg: str, trainer: str, args, options: dict, minutes: float) -> None:
     cmd = [sys.executable, "-m", "nnharmony.cli.train", collection, cfg, "0", "-tr", trainer, "-device", args.device,
            "--epochs", "100000", "--iterations-per-epoch", str(args.iterations_per_epoch),
            "--val-iterations-per-epoch", "2", "--save-every", "100000",
-           "--trainer-options", json.dumps({"wall_clock_budget_minutes": args.budget_minutes, **options})]
+           "--trainer-options", json.dumps({"wall_clock_budget_minutes": minutes, **options})]
     run(cmd, f"train {trainer}")
+
+
+def real_collection(args, work: Path) -> tuple[str, list[int], list[Path]]:
+    """``(name, member ids, raw folders)`` of the ``--spec`` collection; missing members are imported first."""
+    spec = json.loads(Path(args.spec).read_text())
+    ids = [int(m["dataset_id"]) for m in spec["members"]]
+
+    def raw_folder(i: int) -> Path | None:
+        found = sorted((work / "raw").glob(f"Dataset{i:03d}_*"))
+        return found[0] if found else None
+
+    missing = [i for i in ids if raw_folder(i) is None]
+    if missing:
+        run([sys.executable, str(Path(__file__).parent / "real_data" / "import_all.py"), "--only",
+             *map(str, missing)], "import")
+    return spec["name"], ids, [raw_folder(i) for i in ids]
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -111,9 +150,13 @@ def main(argv=None) -> None:
     from nnharmony.utils.safe_load import read_weights_file
 
     t0 = time.perf_counter()
-    folders = make_synthetic_collection(work / "raw", first_id=901, num_cases=args.num_cases, shape=args.shape,
-                                        seed=0, num_members=args.members)
-    if args.extra_dataset is not None:
+    collection = COLLECTION
+    if args.spec is not None:
+        collection, ids, folders = real_collection(args, work)
+    else:
+        folders = make_synthetic_collection(work / "raw", first_id=901, num_cases=args.num_cases, shape=args.shape,
+                                            seed=0, num_members=args.members)
+    if args.extra_dataset is not None and args.spec is None:
         from nnharmony.dataset_conversion.convert import import_nnunet_dataset
 
         existing = list((work / "raw").glob(f"Dataset{args.extra_id:03d}_*"))
@@ -122,16 +165,22 @@ def main(argv=None) -> None:
             raw_root=work / "raw", link_mode="symlink", modalities=[args.extra_modality]))
     ids = [int(Path(f).name[7:10]) for f in folders]
     if args.holdout not in ids:
-        raise SystemExit(f"--holdout {args.holdout} is not one of the synthetic members {ids}")
+        raise SystemExit(f"--holdout {args.holdout} is not one of the members {ids}")
+    workers = {args.configuration: 1}
     with contextlib.redirect_stdout(sys.stderr):  # nnU-Net's planner prints; stdout is for the table
-        spec, _ = plan_and_preprocess_collection(ids, COLLECTION, [args.configuration])
-        plan_and_preprocess_collection([args.holdout], SUPERVISED, [args.configuration])
+        spec, _ = plan_and_preprocess_collection(ids, collection, [args.configuration], spec_file=args.spec,
+                                                 num_processes=workers, num_processes_fingerprint=1)
+        plan_and_preprocess_collection([args.holdout], SUPERVISED, [args.configuration], num_processes=workers,
+                                       num_processes_fingerprint=1)
     print(f"[data: {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
 
     useg_options = {"holdout": [args.holdout], **json.loads(args.universeg_options)}
-    if not args.skip_training:
-        train(COLLECTION, args.configuration, "UniverSegTrainer", args, useg_options)
-        train(SUPERVISED, args.configuration, "nnHarmonyTrainer", args, {})
+    if "universeg" in args.train:
+        train(collection, args.configuration, "UniverSegTrainer", args, useg_options, args.budget_minutes)
+    if "supervised" in args.train:
+        train(SUPERVISED, args.configuration, "nnHarmonyTrainer", args, {}, args.supervised_budget_minutes)
+    if args.train_only:
+        return
 
     # ---- evaluation data: the held-out member's raw fold-0 cases
     mi = spec.member_index(args.holdout)
@@ -148,24 +197,30 @@ def main(argv=None) -> None:
     support = [(c, *read(c)) for c in train_ids]
     queries = [(c, *read(c)) for c in sorted(val_ids)[:args.max_queries]]
     device = torch.device(args.device)
-    model_dir = work / "results" / COLLECTION / f"UniverSegTrainer__nnHarmonyPlans__{args.configuration}"
+    model_dir = work / "results" / collection / f"UniverSegTrainer__nnHarmonyPlans__{args.configuration}"
     networks, cfg = sup.load_universeg_models(model_dir, ["0"], "checkpoint_final.pth", device)
     dim, size = int(cfg["dim"]), tuple(cfg["image_size"])
     ckpt = read_weights_file(model_dir / "fold_0" / "checkpoint_final.pth")
     useg_epochs = ckpt["current_epoch"]
 
     results: dict = {}
+    seconds_per_case: dict = {}
+    pools = {t.label: sup.build_support_pool([(c, x, y, sp) for c, x, y, sp in support], t.values, dim, size)
+             for t in member.tasks}
     for S in args.support_sizes:
         for K in (1, args.ensemble):
             per_label: dict[str, list[float]] = {}
+            t_pred = time.perf_counter()
             for t in member.tasks:
-                pool = sup.build_support_pool([(c, x, y, sp) for c, x, y, sp in support], t.values, dim, size)
                 scores = []
                 for r in range(args.repeats):
-                    probs = sup.predict_cases_in_memory(networks, [(c, x, sp) for c, x, _, sp in queries], pool, dim,
-                                                        size, S, K, seed=1000 * r + S, device=device)
+                    probs = sup.predict_cases_in_memory(networks, [(c, x, sp) for c, x, _, sp in queries],
+                                                        pools[t.label], dim, size, S, K, seed=1000 * r + S,
+                                                        device=device)
                     scores.append([dice(probs[c] > 0.5, np.isin(y, t.values)) for c, _, y, _ in queries])
                 per_label[t.label] = list(np.nanmean(np.array(scores, dtype=float), axis=0))
+            n_pred = len(member.tasks) * args.repeats * len(queries)
+            seconds_per_case[(S, K)] = (time.perf_counter() - t_pred) / n_pred
             results[(S, K)] = (mean_dice(per_label), {k: float(np.nanmean(v)) for k, v in per_label.items()})
 
     # ---- supervised reference
@@ -189,23 +244,27 @@ def main(argv=None) -> None:
     # ---- table
     labels = [t.label for t in member.tasks]
     print(f"\n### UniverSeg on held-out {member.dataset_name} ({args.configuration}), "
-          f"{args.budget_minutes:g} min training budget per model, device {args.device}\n")
+          f"{args.budget_minutes:g} min training (UniverSeg), {args.supervised_budget_minutes:g} min (supervised), "
+          f"device {args.device}\n")
     print(f"UniverSeg trained on {', '.join(m.dataset_name for i, m in enumerate(spec.members) if i != mi)} "
           f"({useg_epochs} epochs x {args.iterations_per_epoch} it, options {json.dumps(useg_options)}); "
           f"supports from {len(support)} training cases, {len(queries)} validation cases, {args.repeats} seeds; "
           f"supervised nnHarmonyTrainer: {sup_ckpt['current_epoch']} epochs x {args.iterations_per_epoch} it on "
           f"{len(support)} training cases.\n")
-    print(f"| S | Dice K=1 | Dice K={args.ensemble} | " + " | ".join(f"{lb} K=1 / K={args.ensemble}" for lb in labels)
-          + " |")
-    print("|---|---|---|" + "---|" * len(labels))
+    print(f"| S | Dice K=1 | Dice K={args.ensemble} | x supervised (K=1) | s/case K=1 | "
+          + " | ".join(f"{lb} K=1 / K={args.ensemble}" for lb in labels) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(labels))
     for S in args.support_sizes:
         a, b = results[(S, 1)], results[(S, args.ensemble)]
-        print(f"| {S} | {a[0]:.3f} | {b[0]:.3f} | "
+        ratio = a[0] / supervised[0] if supervised[0] > 0 else float("nan")
+        print(f"| {S} | {a[0]:.3f} | {b[0]:.3f} | {ratio:.2f} | {seconds_per_case[(S, 1)]:.2f} | "
               + " | ".join(f"{a[1][lb]:.3f} / {b[1][lb]:.3f}" for lb in labels) + " |")
-    print(f"| supervised nnU-Net (nnHarmonyTrainer) | {supervised[0]:.3f} | | "
+    print(f"| supervised nnU-Net (nnHarmonyTrainer) | {supervised[0]:.3f} | | 1.00 | | "
           + " | ".join(f"{supervised[1][lb]:.3f}" for lb in labels) + " |")
     out = {"member": member.dataset_name, "configuration": args.configuration, "budget_minutes": args.budget_minutes,
+           "supervised_budget_minutes": args.supervised_budget_minutes, "command": " ".join(sys.argv),
            "universeg": {f"S{S}_K{K}": v for (S, K), v in results.items()}, "supervised": supervised,
+           "seconds_per_case": {f"S{S}_K{K}": v for (S, K), v in seconds_per_case.items()},
            "universeg_epochs": useg_epochs, "supervised_epochs": sup_ckpt["current_epoch"], "options": useg_options}
     (work / "universeg_support_size.json").write_text(json.dumps(out, indent=2))
     print(f"\n[total {time.perf_counter() - t0:.0f} s; results in {work / 'universeg_support_size.json'}]",

@@ -277,36 +277,41 @@ class UniverSegTrainer(nnHarmonyTrainer):
         self.batch_size = self._episode_batch_size()
 
     def expected_iteration_seconds(self) -> tuple[float, str]:
-        """Time one training iteration will take, from one timed forward + backward on a tiny setting: episode
-        batch 1, S = 1, half the image size per axis (same width), scaled linearly by pixels and by episode
-        images (``episode_batch_size x (S_mean + 1)``). Returns ``(seconds, how it was measured)``."""
-        import time
-
+        """Time one training iteration will take, from one timed forward + backward on a tiny setting: one episode
+        at half the image size per axis (same width) with S = 3, i.e. 4 images, after a warm-up pass; the time per
+        image is scaled by pixels and by the iteration's ``episode_batch_size x (mean S + 1)`` images. Rough: the
+        per-call overhead of tiny inputs makes it an overestimate, and a shared CPU's load changes it by 2x.
+        Returns ``(seconds, how)``."""
         net = self.unwrapped_network()
         size = self._image_size()
         mult = net.size_multiple
         small = tuple(max(mult, (s // 2) // mult * mult) for s in size)
-        x = torch.rand(1, 1, *small, device=self.device)
-        sx = torch.rand(1, 1, 1, *small, device=self.device)
-        sy = (torch.rand(1, 1, 1, *small, device=self.device) > 0.5).float()
         was_training = net.training
         net.train()
-        times = []
-        for _ in range(2):  # the first call pays one-off costs (allocator, kernels)
-            t0 = time.perf_counter()
-            net(x, sx, sy).float().mean().backward()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            times.append(time.perf_counter() - t0)
+        self._timed_pass(net, small, 1)  # the first call pays one-off costs (allocator, kernels)
+        per_image = self._timed_pass(net, small, 3) / 4
         net.zero_grad(set_to_none=True)
         net.train(was_training)
         s_mean = self.support_size if self.min_support_size is None else (self.support_size + self.min_support_size) / 2
         images = self._episode_batch_size() * (s_mean + 1)
-        scale = float(np.prod(size) / np.prod(small)) * images / 2
-        how = (f"forward+backward of 1 episode with S = 1 at {'x'.join(map(str, small))}: {times[-1]:.2f} s, x "
-               f"{np.prod(size) / np.prod(small):.0f} (pixels) x {images / 2:.1f} (episode batch "
-               f"{self._episode_batch_size()} x (mean S {s_mean:g} + 1) images / 2)")
-        return times[-1] * scale, how
+        pixels = float(np.prod(size) / np.prod(small))
+        how = (f"forward+backward of one episode of 4 images at {'x'.join(map(str, small))}: {per_image:.2f} s per "
+               f"image x {pixels:.0f} (pixels) x {images:g} images (episode batch {self._episode_batch_size()} x "
+               f"(mean S {s_mean:g} + 1))")
+        return per_image * pixels * images, how
+
+    def _timed_pass(self, net: nn.Module, size: tuple[int, ...], support_size: int) -> float:
+        """Seconds of one forward + backward of a random episode (batch 1) of ``size`` with ``support_size``."""
+        import time
+
+        x = torch.rand(1, 1, *size, device=self.device)
+        sx = torch.rand(1, support_size, 1, *size, device=self.device)
+        sy = (torch.rand(1, support_size, 1, *size, device=self.device) > 0.5).float()
+        t0 = time.perf_counter()
+        net(x, sx, sy).float().mean().backward()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
 
     def on_train_start(self):
         super().on_train_start()
