@@ -216,7 +216,8 @@ def test_bad_options():
 
 # ------------------------------------------------------------------------------------------ tiny run
 def test_tiny_quick_report(synthetic_collection, tmp_path, capsys, monkeypatch):
-    """Every default method, in this process, on the session's planned collection in 2d with a tiny budget."""
+    """The quick preset's settings (2d, plans variant, one thread, in-process pools) with every default method on the
+    session's planned collection and a tiny budget."""
     from nnharmony.benchmark import DEFAULT_METHODS, METHODS, Method
     from nnharmony.cli import benchmark as cli
 
@@ -225,9 +226,9 @@ def test_tiny_quick_report(synthetic_collection, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(METHODS, "bogus", Method("bogus", "NoSuchTrainerAnywhere", "2d", "collection", "x"))
     out = tmp_path / "report"
     methods = list(DEFAULT_METHODS)
-    rc = cli.main(["--collection", synthetic_collection["name"], "--methods", *methods, "bogus", "--budget",
-                   "2x0.05min", "-cfg", "2d", "--device", "cpu", "-o", str(out), "--overlays", "3", "--no-progress",
-                   "--no-checkpoints", "-np", "1", "-S", "2", "--trainer-options",
+    rc = cli.main(["--quick", "--collection", synthetic_collection["name"], "--methods", *methods, "bogus",
+                   "--budget", "2x0.05min", "--device", "cpu", "-o", str(out), "--overlays", "3", "--no-progress",
+                   "-S", "2", "--trainer-options",
                    'universeg={"image_size": 32, "episode_batch_size": 2, "encoder_blocks": [8, 8, 8]}'])
     printed = capsys.readouterr().out
     assert rc == 0, printed
@@ -286,5 +287,5 @@ def test_tiny_quick_report(synthetic_collection, tmp_path, capsys, monkeypatch):
     for o in figs["overlays"]:
         _assert_png(out / o, (100, 100 * (2 + len(methods))))
     # models went to the report's own results folder, without checkpoints
-    model = out / "models" / synthetic_collection["name"] / "nnHarmonyTrainer__nnHarmonyPlans__2d"
+    model = out / "models" / synthetic_collection["name"] / "nnHarmonyTrainer__nnHarmonyPlans_quick__2d"
     assert (model / "fold_0" / "validation").is_dir() and not list(model.rglob("*.pth"))
