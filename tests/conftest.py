@@ -20,6 +20,17 @@ def shared_data(sub: str = "") -> Path:
     return p
 
 
+def cli_error_line(main, argv: list[str], capsys) -> str:
+    """Run a CLI ``main(argv)``; it must exit with status 2 and end with one line ``error: ...``: return it."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: "), err
+    return err[-1]
+
+
 @pytest.fixture(scope="session")
 def nnunet_env(tmp_path_factory):
     """$nnUNet_raw/$nnUNet_preprocessed/$nnUNet_results in a session temp folder."""

@@ -22,6 +22,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from conftest import cli_error_line
 from nnharmony.cli import predict as predict_cli
 from nnharmony.inference.predictor import CollectionPredictor
 from nnharmony.utils.io import DiskFullError, save_json_atomic, save_torch_atomic
@@ -43,13 +44,8 @@ def listing(*folders: Path) -> dict[str, str]:
 
 
 def cli_error(argv: list[str], capsys) -> str:
-    """Run nnharmony_predict; it must exit with status 2 and one line ``error: ...``; return that line."""
-    with pytest.raises(SystemExit) as e:
-        predict_cli.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith("error: "), err
-    return err[-1]
+    """nnharmony_predict's one ``error: ...`` line (exit status 2)."""
+    return cli_error_line(predict_cli.main, argv, capsys)
 
 
 def can_write_despite_chmod(folder: Path) -> bool:

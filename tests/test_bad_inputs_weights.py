@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import cli_error_line
 from nnharmony.cli import train as train_cli
-from nnharmony.utils.safe_load import load_weights_into, read_weights_file, state_dict_of, weight_mismatches
+from nnharmony.utils.safe_load import (load_weights_into, read_weights_file, state_dict_of, torch_load_made_safe,
+                                       weight_mismatches)
 
 QUICK = ["-device", "cpu", "--epochs", "1", "--iterations-per-epoch", "1", "--val-iterations-per-epoch", "1"]
 
@@ -49,14 +51,8 @@ def listing(*folders: Path) -> dict[str, str]:
 
 
 def train_error(argv: list[str], capsys) -> str:
-    """Run nnharmony_train; it must exit with status 2 and one line ``error: ...``; return that line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        train_cli.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith("error: "), err
-    return err[-1]
+    """nnharmony_train's one ``error: ...`` line (exit status 2)."""
+    return cli_error_line(train_cli.main, argv, capsys)
 
 
 # ---------------------------------------------------------------------------------------------- unit level
@@ -78,6 +74,18 @@ def test_numpy_scalars_of_plain_nnunet_checkpoints_are_allowed(tmp_path):
     content = read_weights_file(f)
     assert float(content["_best_ema"]) == pytest.approx(0.1)
     assert float(content["logging"]["mean_fg_dice"][1]) == 0.25
+
+
+def test_torch_load_made_safe_covers_third_party_loaders(tmp_path):
+    """nnU-Net's own ``load_checkpoint`` calls ``torch.load(path, weights_only=False)``: within the block that
+    call is the safe reader, and ``torch.load`` is itself again afterwards."""
+    marker = tmp_path / "pwned"
+    evil = malicious_file(tmp_path / "evil.pth", marker)
+    original = torch.load
+    with torch_load_made_safe("checkpoint"):
+        with pytest.raises(ValueError, match="posix.mkdir"):
+            torch.load(evil, map_location="cpu", weights_only=False)
+    assert torch.load is original and not marker.exists()
 
 
 @pytest.mark.parametrize("content, why", [(b"not a torch file at all", "not a loadable"),
@@ -190,6 +198,48 @@ def test_continue_per_dataset_refuses_malicious_checkpoint(synthetic_collection,
         assert not marker.exists()
     finally:
         evil.unlink()
+
+
+def test_continue_per_dataset_resumes_a_plain_nnunet_checkpoint(synthetic_collection):
+    """``--c -tr nnUNetTrainer`` on a checkpoint written by nnU-Net's own ``save_checkpoint`` (numpy floats in
+    its log, a torch.device in its init args): read through the allow-list, and training state restored."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnharmony.paths import preprocessed_dir
+    from nnharmony.trainers.run import TrainingOptions, _maybe_load
+    from nnharmony.utils.io import load_json
+
+    member = synthetic_collection["spec"].members[0]
+    ident = synthetic_collection["joint"]["nnharmony"]["member_plans_identifier"]
+    folder = preprocessed_dir() / member.dataset_name
+
+    def plain_trainer(continue_training: bool) -> nnUNetTrainer:
+        plans = {**load_json(folder / f"{ident}.json"), "continue_training": continue_training}  # as run_per_dataset
+        return nnUNetTrainer(plans, "2d", 0, load_json(folder / "dataset.json"), torch.device("cpu"))
+
+    trainer = plain_trainer(False)
+    trainer.initialize()
+    for epoch in range(2):  # a log like an epoch's: numpy scalars of every kind nnU-Net logs
+        trainer.logger.log("mean_fg_dice", np.float64(0.25 * epoch), epoch)
+        trainer.logger.log("dice_per_class_or_region", [np.float32(0.5)], epoch)
+        trainer.logger.log("train_losses", np.float32(1.0), epoch)
+        trainer.logger.log("val_losses", np.float64(0.9), epoch)
+        trainer.logger.log("lrs", 0.01, epoch)
+        trainer.logger.log("epoch_start_timestamps", 1.0, epoch)
+        trainer.logger.log("epoch_end_timestamps", 2.0, epoch)
+    trainer._best_ema = np.float64(0.2)
+    trainer.current_epoch = 1
+    latest = Path(trainer.output_folder) / "checkpoint_latest.pth"
+    trainer.save_checkpoint(str(latest))
+    load = torch.load
+    try:
+        resumed = plain_trainer(True)
+        _maybe_load(resumed, TrainingOptions(synthetic_collection["name"], "2d", 0, trainer="nnUNetTrainer",
+                                             device="cpu", continue_training=True))
+        assert resumed.current_epoch == 2 and float(resumed._best_ema) == pytest.approx(0.2)
+        assert torch.load is load  # restored after loading
+    finally:
+        latest.unlink()
 
 
 @pytest.mark.slow

@@ -115,12 +115,13 @@ def _maybe_load(trainer, opts: TrainingOptions) -> None:
 def _load_checkpoint(trainer, checkpoint_file: str) -> None:
     """Load a checkpoint of this training into ``trainer``, read by the safe loader."""
     from nnharmony.trainers.nnharmony_trainer import nnHarmonyTrainer
-    from nnharmony.utils.safe_load import read_weights_file
+    from nnharmony.utils.safe_load import torch_load_made_safe
 
     if isinstance(trainer, nnHarmonyTrainer):  # reads safely and checks the file's collection and trainer
         trainer.load_checkpoint(checkpoint_file)
-    else:  # plain nnU-Net trainer (per-dataset paradigm): its own loader would unpickle the path unsafely
-        trainer.load_checkpoint(read_weights_file(checkpoint_file, "checkpoint", map_location=trainer.device))
+    else:  # plain nnU-Net trainer (per-dataset paradigm): its own loader unpickles with weights_only=False
+        with torch_load_made_safe("checkpoint"):
+            trainer.load_checkpoint(checkpoint_file)
 
 
 def _run_one(trainer, opts: TrainingOptions) -> None:

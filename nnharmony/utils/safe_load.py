@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 import re
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
+
+_torch_load = torch.load  # torch's own, also while torch_load_made_safe has replaced torch.load
 
 #: prefixes that wrappers add to parameter names: DDP (``module.``) and ``torch.compile`` (``_orig_mod.``)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -53,7 +56,7 @@ def read_weights_file(path: str | os.PathLike, what: str = "checkpoint",
         raise FileNotFoundError(f"{path}: {what} not found")
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return _torch_load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a pickle that needs code, a truncated file, a file that is no torch file at all
         fmt = "" if zipfile.is_zipfile(path) else "not a torch.save archive; "  # torch's own reason is cryptic
         raise ValueError(f"{path}: not a loadable {what}, refused without running code from it "
@@ -125,3 +128,18 @@ def load_weights_into(network: torch.nn.Module, path: str | os.PathLike, what: s
     current.update({k: loaded[k] for k in keys})
     target.load_state_dict(current)
     return keys
+
+
+@contextmanager
+def torch_load_made_safe(what: str = "checkpoint") -> Iterator[None]:
+    """Within the block, ``torch.load`` is :func:`read_weights_file`: for third-party code that loads a file
+    itself with ``weights_only=False`` and has no safe entry point (nnU-Net 2.8's
+    ``nnUNetTrainer.load_checkpoint`` ignores a dict it is given and unpickles its path)."""
+    def safe_load(f, map_location=None, *args, **kwargs):
+        return read_weights_file(f, what, map_location=map_location or "cpu")
+
+    original, torch.load = torch.load, safe_load
+    try:
+        yield
+    finally:
+        torch.load = original
