@@ -99,36 +99,11 @@ def _timing(method: Method, configuration: str) -> dict[str, Any]:
             "peak_cuda_mb": None, "note": ""}
 
 
-def _evaluate_method(method: Method, spec, folders: dict[str, Path], report_dir: Path, opts: BenchmarkOptions
-                     ) -> list[dict]:
-    from nnharmony.benchmark.scoring import evaluate_prediction_folder
-    from nnharmony.paths import preprocessed_dir
-
-    per_case = []
-    for m in spec.members:
-        ref = preprocessed_dir() / m.dataset_name / "gt_segmentations"
-        ev_dir = report_dir / "evaluation" / method.name / m.dataset_name
-        if method.paradigm == "in-context":
-            from nnharmony.benchmark.files import safe_name
-
-            results = []
-            for name, value in label_tasks(m):
-                results += evaluate_prediction_folder(
-                    ref, folders[m.dataset_name] / safe_name(name), {"background": 0, name: value}, m.file_ending,
-                    opts.nsd_tolerance_mm, ev_dir / safe_name(name), m.dataset_name, opts.num_processes)
-        else:
-            results = evaluate_prediction_folder(ref, folders[m.dataset_name], m.labels, m.file_ending,
-                                                 opts.nsd_tolerance_mm, ev_dir, m.dataset_name, opts.num_processes)
-        per_case += [{"member": m.dataset_name, "method": method.name, **r} for r in results]
-    if not per_case:
-        raise RuntimeError("no prediction was found to evaluate")
-    return per_case
-
-
 def run_method(method: Method, ctx: dict[str, Any], progress: Progress, say: Callable[[str], None]
                ) -> tuple[dict, dict, list[dict]]:
     """Train, predict and evaluate one method: (timing, info for benchmark.json, per-case scores)."""
     from nnharmony.benchmark import incontext, training
+    from nnharmony.benchmark.scoring import evaluate_method
 
     opts, spec, collection, budget, report_dir = (ctx[k] for k in ("opts", "spec", "collection", "budget",
                                                                    "report_dir"))
@@ -184,7 +159,7 @@ def run_method(method: Method, ctx: dict[str, Any], progress: Progress, say: Cal
         progress.start(method.name, "evaluation")
         t2 = time.perf_counter()
         with output_to(log_file):
-            per_case = _evaluate_method(method, spec, folders, report_dir, opts)
+            per_case = evaluate_method(method, spec, folders, report_dir, opts.nsd_tolerance_mm, opts.num_processes)
         t["eval_s"] = time.perf_counter() - t2
     except Exception as e:  # noqa: BLE001 - report the method as failed, keep the others
         import traceback

@@ -68,6 +68,32 @@ def evaluate_prediction_folder(ref_folder: Path, pred_folder: Path, labels: dict
     return out
 
 
+def evaluate_method(method, spec, folders: dict[str, Path], report_dir: Path, nsd_tolerance_mm: float | None,
+                    num_processes: int = 1) -> list[dict]:
+    """Per-case scores of one method on every member (``{"member", "method", "case", "label", "dice", "nsd"}``);
+    the in-context method's folders hold one sub-folder per label. Raises when nothing was predicted."""
+    from nnharmony.benchmark.files import label_tasks, safe_name
+    from nnharmony.paths import preprocessed_dir
+
+    per_case = []
+    for m in spec.members:
+        ref = preprocessed_dir() / m.dataset_name / "gt_segmentations"
+        ev_dir = report_dir / "evaluation" / method.name / m.dataset_name
+        if method.paradigm == "in-context":
+            results = []
+            for name, value in label_tasks(m):
+                results += evaluate_prediction_folder(
+                    ref, folders[m.dataset_name] / safe_name(name), {"background": 0, name: value}, m.file_ending,
+                    nsd_tolerance_mm, ev_dir / safe_name(name), m.dataset_name, num_processes)
+        else:
+            results = evaluate_prediction_folder(ref, folders[m.dataset_name], m.labels, m.file_ending,
+                                                 nsd_tolerance_mm, ev_dir, m.dataset_name, num_processes)
+        per_case += [{"member": m.dataset_name, "method": method.name, **r} for r in results]
+    if not per_case:
+        raise RuntimeError("no prediction was found to evaluate")
+    return per_case
+
+
 def aggregate(per_case: list[dict]) -> list[dict]:
     """Rows member x label x method with mean and sample std over cases (see ``report.ROW_FIELDS``)."""
     from nnharmony.evaluation.report import summarize
