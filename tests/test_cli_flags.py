@@ -317,3 +317,18 @@ def torch_device():
     import torch
 
     return torch.device("cpu")
+
+
+def test_val_best_validates_the_best_checkpoint(quick_model, synthetic_collection, monkeypatch):
+    """--val --val_best: the final validation runs again, on checkpoint_best.pth (loaded by the safe loader)."""
+    from nnharmony.trainers import run
+
+    loaded = []
+    original = run._load_checkpoint
+    monkeypatch.setattr(run, "_load_checkpoint", lambda t, f: (loaded.append(Path(f).name), original(t, f))[1])
+    fold = quick_model / "fold_0"
+    member = synthetic_collection["spec"].members[0].dataset_name
+    before = (fold / "validation" / member / "summary.json").stat().st_mtime_ns
+    train_cli.main(["900", "3d_fullres", "0", "-device", "cpu", "--val", "--val_best"])
+    assert loaded == ["checkpoint_final.pth", "checkpoint_best.pth"]
+    assert (fold / "validation" / member / "summary.json").stat().st_mtime_ns > before

@@ -179,9 +179,10 @@ def _spawn_pool(num_processes: int) -> ProcessPoolExecutor | None:
 
 def _preprocessed(predictor, items: list[tuple[str, list[str], int | None]],
                   num_processes: int) -> Iterator[tuple[str, list[str], int, dict, "torch.Tensor", dict]]:
-    """(case, files, member, member inference details, data, properties) in input order; with ``num_processes`` > 0 worker processes
-    preprocess up to two cases per worker ahead of the network (nnU-Net's ``-npp``). Cases of unknown member
-    (``--member auto``) are preprocessed here, by the member inference."""
+    """(case, files, member, member inference details, data, properties) in input order; with
+    ``num_processes`` > 0, worker processes preprocess up to two cases per worker ahead of the network
+    (nnU-Net's ``-npp``). Cases of unknown member (``--member auto``) are preprocessed here, after the member
+    inference."""
     import torch
 
     from nnharmony.inference.predictor import preprocess_case
@@ -193,20 +194,20 @@ def _preprocessed(predictor, items: list[tuple[str, list[str], int | None]],
             yield case, files, idx, extra, data, props
         return
     pool = _spawn_pool(num_processes)
+
+    def submit(item: tuple[str, list[str], int]) -> tuple:
+        _, files, idx = item
+        return (*item, pool.submit(preprocess_case, files, predictor.member_context(idx),
+                                   predictor.spec.num_modalities))
+
     try:
-        pending: deque = deque()
         queue = iter(items)
-        for case, files, idx in queue:
-            pending.append((case, files, idx, pool.submit(preprocess_case, files, predictor.member_context(idx),
-                                                          predictor.spec.num_modalities)))
-            if len(pending) >= 2 * num_processes:
-                break
+        pending = deque(submit(item) for _, item in zip(range(2 * num_processes), queue))
         while pending:
             case, files, idx, future = pending.popleft()
             nxt = next(queue, None)
             if nxt is not None:
-                pending.append((*nxt, pool.submit(preprocess_case, nxt[1], predictor.member_context(nxt[2]),
-                                                  predictor.spec.num_modalities)))
+                pending.append(submit(nxt))
             data, props = future.result()
             yield case, files, idx, {}, torch.from_numpy(data), props
     finally:
