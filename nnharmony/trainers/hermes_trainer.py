@@ -24,13 +24,20 @@ needs no options repeated.
 Training batch -> network: ``task_ids = task_ids_from_mask(task_mask)`` (each sample's dataset tasks in
 increasing global id, padded with -1; with ``mask_padded_tasks`` padded to a fixed width, the largest member
 task count, so tensor shapes never change between batches), ``modality_id`` = the member's primary
-modality (``-1``, the unknown-modality token, with probability ``unknown_modality_prob``). Targets are
-gathered into the same per-sample task layout (``gather_tasks``); padded slots are not supervised.
+modality (``-1``, the unknown-modality token, with probability ``unknown_modality_prob``), ``input_slots`` =
+the member's channel slots (shared input: the network gathers them from the loader's one-channel-per-slot
+layout into its shared stem channels). Targets are gathered into the same per-sample task layout
+(``gather_tasks``); padded slots are not supervised.
 
-Inference (``nnU-Net``'s predictor calls ``network(x)``): the condition of a known member is its task list
-and primary modality (``inference_condition``); the network then returns one channel per *global* task
-(the member's tasks scattered into place, zeros elsewhere), the layout nnharmony's predictor and exporter
-expect. ``--dataset auto``: :meth:`HermesTrainer.infer_member` (see its docstring for the rule and limits).
+Inference (``nnU-Net``'s predictor calls ``network(x)``): the condition of a known member is its task list,
+primary modality and channel slots (``inference_condition``, bound by nnharmony's predictor, which feeds the
+same per-slot layout as the loader); the network then returns one channel per *global* task (the member's
+tasks scattered into place, zeros elsewhere), the layout nnharmony's predictor and exporter expect.
+``--dataset auto``: :meth:`HermesTrainer.infer_member` (see its docstring for the rule and limits).
+
+Recipes: ``hermes.recipe`` 'nnunet' (default) or 'official' (LAMB, exponential warm-up + poly, EMA 0.99, no
+deep supervision; :class:`HermesConfig`). With EMA the weights of validation, checkpoints' ``network_weights``
+and therefore of prediction are the EMA weights (:class:`WeightEMA`); ``--c`` resumes both.
 
 Incremental learning (``nnharmony_adapt``): :meth:`HermesTrainer.transfer_weights` extends every prior pool
 and the modality classifier with the pools' own ``extend`` (existing tokens bit-identical, new tokens
@@ -39,7 +46,9 @@ prototype head, modality classifier; the U-Net backbone is frozen).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import math
+import os
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -63,6 +72,11 @@ __all__ = ["HermesConfig", "HermesCollectionUNet", "HermesTrainer", "HermesResEn
 #: nnU-Net ResEnc-M residual blocks per encoder stage (``nnUNetPlannerResEncM``), truncated to the stages
 RESENC_M_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6)
 RESENC_CLASS = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+INPUT_MODES = ("shared", "per_slot")
+RECIPES = ("nnunet", "official")
+#: the official Hermes-R optimizer (``config/universal/hermes_resunet_3d.yaml``, apex FusedLAMB)
+OFFICIAL_LAMB = {"lr": 2e-3, "betas": (0.9, 0.999), "eps": 1e-5, "weight_decay": 1e-5}
+OFFICIAL_EMA_DECAY = 0.99
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -80,6 +94,24 @@ class HermesConfig:
     * ``proto_dim``: posterior-prototype width (paper: 32 = decoder width of Hermes-R);
     * ``mask_padded_tasks``: padded task slots are not keys of the image tokens (official code: False);
     * ``heads`` (None: C // 32), ``dim_head`` (32), ``mlp_ratio`` (4): attention sizes.
+
+    Input (``input_mode``):
+
+    * ``'shared'`` (default, the official model): the stem takes ``input_channels`` channels, the same for every
+      member: a single-channel member's image is channel 0 whatever its modality, so CT and MR share the stem
+      and the modality enters only through the modality prior (the paper's premise). A multi-channel member's
+      channels fill channels 0, 1, ... in the collection's modality order (the official data have none: CHAOS's
+      sequences are separate single-channel images there; see the README's deviations table).
+      ``input_channels`` is recorded by the trainer (the largest member channel count); unrecorded, the
+      collection's modality count is used.
+    * ``'per_slot'``: one stem channel per modality of the collection (zeros where a member has none), the
+      layout nnharmony's loader and predictor produce; the stem then already sees the modality.
+
+    Recipe (``recipe``): ``'nnunet'`` (default: the trainer's optimizer, nnU-Net's poly schedule, deep
+    supervision) or ``'official'`` (the official training script: LAMB lr 2e-3, betas (0.9, 0.999), eps 1e-5,
+    weight decay 1e-5; exponential warm-up over ``warmup_epochs`` then poly 0.9; EMA weights; no deep
+    supervision). ``warmup_epochs`` (None: 5 per 200 epochs, as the official 5 of 200, at least 1);
+    ``ema_decay`` (None: 0.99 with 'official', off with 'nnunet'; a number switches EMA on in either recipe).
 
     Training: ``bce_weight``, ``dice_weight``, ``mod_weight`` (paper: 1, 1, 0.01);
     ``unknown_modality_prob``: probability that a training sample's modality prior is replaced by the
@@ -100,6 +132,11 @@ class HermesConfig:
     dice_weight: float = 1.0
     mod_weight: float = 0.01
     unknown_modality_prob: float = 0.1
+    input_mode: str = "shared"
+    input_channels: int | None = None
+    recipe: str = "nnunet"
+    warmup_epochs: int | None = None
+    ema_decay: float | None = None
 
     def __post_init__(self):
         self.encoder_blocks = tuple(int(b) for b in self.encoder_blocks)
@@ -117,6 +154,16 @@ class HermesConfig:
             raise ValueError("hermes: loss weights must be >= 0")
         if not 0 <= self.unknown_modality_prob <= 1:
             raise ValueError("hermes: unknown_modality_prob must be in [0, 1]")
+        if self.input_mode not in INPUT_MODES:
+            raise ValueError(f"hermes: input_mode must be one of {INPUT_MODES}, got {self.input_mode!r}")
+        if self.input_channels is not None and int(self.input_channels) < 1:
+            raise ValueError("hermes: input_channels must be >= 1 (or null)")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"hermes: recipe must be one of {RECIPES}, got {self.recipe!r}")
+        if self.warmup_epochs is not None and int(self.warmup_epochs) < 0:
+            raise ValueError("hermes: warmup_epochs must be >= 0 (or null)")
+        if self.ema_decay is not None and not 0 <= float(self.ema_decay) < 1:
+            raise ValueError("hermes: ema_decay must be in [0, 1) (or null)")
 
     @classmethod
     def from_value(cls, value: "HermesConfig | Mapping[str, Any] | None") -> "HermesConfig":
@@ -139,6 +186,25 @@ class HermesConfig:
         d["encoder_blocks"], d["decoder_blocks"] = list(self.encoder_blocks), list(self.decoder_blocks)
         return d
 
+    @property
+    def shared_input(self) -> bool:
+        return self.input_mode == "shared"
+
+    @property
+    def official(self) -> bool:
+        return self.recipe == "official"
+
+    def resolved_ema_decay(self) -> float | None:
+        """The EMA decay in use (None: no EMA)."""
+        if self.ema_decay is not None:
+            return float(self.ema_decay) or None
+        return OFFICIAL_EMA_DECAY if self.official else None
+
+    def resolved_warmup_epochs(self, num_epochs: int) -> int:
+        if self.warmup_epochs is not None:
+            return int(self.warmup_epochs)
+        return max(1, round(num_epochs * 5 / 200))
+
     def network_kwargs(self) -> dict:
         return dict(blocks_per_level={"encoder": self.encoder_blocks, "decoder": self.decoder_blocks},
                     tokens_per_modality=self.tokens_per_modality, proto_dim=self.proto_dim, heads=self.heads,
@@ -146,32 +212,57 @@ class HermesConfig:
 
 
 def hermes_config_from_plans(plans: Mapping) -> HermesConfig:
-    """The configuration a model was trained with (``plans["nnharmony"]["hermes"]``), defaults if absent."""
-    return HermesConfig.from_value((plans.get("nnharmony") or {}).get("hermes"))
+    """The configuration a model was trained with (``plans["nnharmony"]["hermes"]``), defaults if absent. A
+    record without ``input_mode`` is a model trained before the shared input existed: 'per_slot'."""
+    record = (plans.get("nnharmony") or {}).get("hermes")
+    if record is not None and "input_mode" not in record:
+        record = {**record, "input_mode": "per_slot"}
+    return HermesConfig.from_value(record)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # network with the collection's output layout at inference
 # ----------------------------------------------------------------------------------------------------------
 class HermesCollectionUNet(HermesUNet):
-    """:class:`HermesUNet` whose output, when the condition comes from :meth:`set_inference_condition`
-    (nnU-Net's predictor calls ``network(x)``), has one channel per global task: the requested tasks'
-    logits scattered into place, 0 elsewhere (nnU-Net sizes its sliding-window buffers for the global task
-    count; nnharmony's exporter keeps only the member's tasks). With explicit ``task_ids`` (training,
-    ``infer_member``) the output is the per-sample task layout of :class:`HermesUNet`. Same parameters and
-    state-dict keys as :class:`HermesUNet`.
+    """:class:`HermesUNet` on the collection's layouts: its input is the loader's and predictor's one channel per
+    modality slot, its output at inference one channel per global task.
+
+    Input: with ``input_width`` set (shared input, :attr:`HermesConfig.input_mode` 'shared') each sample's
+    occupied slots are gathered into channels ``0 .. input_width - 1`` before the stem
+    (:func:`shared_input_layout`); the slots come from ``input_slots`` (B, input_width) (training: the trainer's
+    member table), the condition, or :meth:`set_inference_condition`. ``input_width=None``: the per-slot layout
+    goes to the stem unchanged.
+
+    Output: when the condition comes from :meth:`set_inference_condition` (nnU-Net's predictor calls
+    ``network(x)``), one channel per global task: the requested tasks' logits scattered into place, 0 elsewhere
+    (nnU-Net sizes its sliding-window buffers for the global task count; nnharmony's exporter keeps only the
+    member's tasks). With explicit ``task_ids`` (training, ``infer_member``) the output is the per-sample task
+    layout of :class:`HermesUNet`. Same parameters and state-dict keys as :class:`HermesUNet`.
 
     The fused feature maps are made contiguous (a forward hook on every fusion level): the fusion returns a
     channels-last view of its token layout, which sends every later CPU convolution down PyTorch's slow
     ``slow_conv3d`` path (measured: ~2x slower convolutions after the first fusion level)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, input_width: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.input_width = input_width
+        self._inference_input_slots: torch.Tensor | None = None
         for fusion in list(self.encoder_fusion.values()) + list(self.decoder_fusion.values()):
             fusion.register_forward_hook(_contiguous_features)
 
-    def forward(self, x, *, task_ids=None, modality_id=None, cond=None):
+    def set_inference_condition(self, task_ids, modality_id, input_slots: Sequence[int] | None = None) -> None:
+        """As :meth:`HermesUNet.set_inference_condition`, plus the member's channel slots (its
+        ``spec.channel_slots``; needed with the shared input, ignored with the per-slot one)."""
+        super().set_inference_condition(task_ids, modality_id)
+        if task_ids is None or input_slots is None or self.input_width is None:
+            self._inference_input_slots = None
+            return
+        self._inference_input_slots = slot_table([list(input_slots)], self.input_width)
+
+    def forward(self, x, *, task_ids=None, modality_id=None, input_slots=None, cond=None):
         bound = task_ids is None and (cond is None or cond.get("task_ids") is None)
+        if self.input_width is not None:
+            x = shared_input_layout(x, self._input_slots(x, input_slots, cond))
         seg = super().forward(x, task_ids=task_ids, modality_id=modality_id, cond=cond)
         if not bound:
             return seg
@@ -182,6 +273,17 @@ class HermesCollectionUNet(HermesUNet):
             return [self._to_global(s, ids) for s in seg]
         return self._to_global(seg, ids)
 
+    def _input_slots(self, x: torch.Tensor, input_slots, cond) -> torch.Tensor:
+        if input_slots is None and cond is not None:
+            input_slots = cond.get("input_slots")
+        if input_slots is None:
+            input_slots = self._inference_input_slots
+        if input_slots is None:
+            raise RuntimeError("shared-input Hermes needs the sample's channel slots: pass input_slots or "
+                               "set_inference_condition(..., input_slots=spec.channel_slots(member))")
+        input_slots = torch.as_tensor(input_slots, dtype=torch.long)
+        return input_slots.expand(x.shape[0], -1) if input_slots.shape[0] == 1 else input_slots
+
     def _to_global(self, seg: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         B, T = ids.shape
         out = seg.new_zeros((B, self.num_tasks + 1, *seg.shape[2:]))  # last channel collects padding
@@ -190,15 +292,50 @@ class HermesCollectionUNet(HermesUNet):
         return out[:, : self.num_tasks]
 
 
+def slot_table(slots_per_row: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+    """(rows, width) long: each row's channel slots in increasing order (the shared input's channel order,
+    independent of the member's file order), padded with -1."""
+    table = torch.full((len(slots_per_row), width), -1, dtype=torch.long)
+    for r, slots in enumerate(slots_per_row):
+        slots = sorted(int(s) for s in slots)
+        if len(slots) > width:
+            raise ValueError(f"{len(slots)} input channels, but the shared input has {width}")
+        table[r, : len(slots)] = torch.tensor(slots, dtype=torch.long)
+    return table
+
+
+def shared_input_layout(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Per-slot layout (B, M, *sp) -> shared layout (B, K, *sp): channel k of sample b is slot ``slots[b, k]``
+    of x, zeros where the slot is -1. No value of ``slots`` is read on the host (traces under torch.compile)."""
+    B, K = slots.shape
+    slots = slots.to(x.device, non_blocking=True)
+    view = (B, K) + (1,) * (x.dim() - 2)
+    out = torch.gather(x, 1, slots.clamp(min=0).view(view).expand(B, K, *x.shape[2:]))
+    return out * (slots >= 0).view(view).to(out.dtype)
+
+
+def occupied_slots(data: torch.Tensor) -> list[int]:
+    """Slots of a preprocessed case (M, *shape) that hold an image (not all zeros): the member's slots when the
+    member is not known (``--dataset auto`` hypotheses)."""
+    return torch.nonzero(torch.as_tensor(data).flatten(1).abs().amax(1) > 0).flatten().tolist()
+
+
 def _contiguous_features(module, inputs, output):
     x, priors = output
     return x.contiguous(), priors
 
 
 def build_hermes_network(backbone: nn.Module, num_tasks: int, num_modalities: int, cfg: HermesConfig,
-                         enable_deep_supervision: bool) -> HermesCollectionUNet:
+                         enable_deep_supervision: bool, input_width: int | None = None) -> HermesCollectionUNet:
     return HermesCollectionUNet(backbone, num_tasks, num_modalities, deep_supervision=enable_deep_supervision,
-                                **cfg.network_kwargs())
+                                input_width=input_width, **cfg.network_kwargs())
+
+
+def stem_input_channels(cfg: HermesConfig, num_modalities: int) -> int | None:
+    """Input channels of the stem with the shared input (None: per-slot, the stem takes the collection layout)."""
+    if not cfg.shared_input:
+        return None
+    return int(cfg.input_channels) if cfg.input_channels is not None else num_modalities
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -207,11 +344,14 @@ def build_hermes_network(backbone: nn.Module, num_tasks: int, num_modalities: in
 class HermesTrainer(nnHarmonyTrainer):
     """Hermes on the joint plan's nnU-Net ``PlainConvUNet``.
 
-    Options: ``hermes`` (:class:`HermesConfig` or a dict of its fields), ``optimizer_name`` ('sgd', nnU-Net's
-    default, or 'adamw'; the paper's LAMB needs apex and is not provided).
+    Options: ``hermes`` (:class:`HermesConfig` or a dict of its fields: input mode, recipe, network, loss),
+    ``optimizer_name`` ('sgd', nnU-Net's default, or 'adamw'; used by the 'nnunet' recipe; the 'official'
+    recipe uses LAMB).
     """
 
     supports_auto_dataset = True
+    #: EMA of the network's weights (recipe 'official' or ``ema_decay``); created by ``initialize``
+    ema: "WeightEMA | None" = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -255,9 +395,11 @@ class HermesTrainer(nnHarmonyTrainer):
         # joint plans: inputs = modality vocabulary, outputs = global tasks (spec.num_modalities / num_tasks);
         # taken from the arguments so that a model folder needs no preprocessed collection to be rebuilt
         cfg = hermes_config_from_plans(plans_manager.plans)
-        backbone = cls.backbone_from_plans(plans_manager, configuration_manager, num_input_channels,
+        width = stem_input_channels(cfg, num_input_channels)
+        backbone = cls.backbone_from_plans(plans_manager, configuration_manager, width or num_input_channels,
                                            num_output_channels, enable_deep_supervision)
-        return build_hermes_network(backbone, num_output_channels, num_input_channels, cfg, enable_deep_supervision)
+        return build_hermes_network(backbone, num_output_channels, num_input_channels, cfg, enable_deep_supervision,
+                                    width)
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
@@ -267,15 +409,92 @@ class HermesTrainer(nnHarmonyTrainer):
 
     def initialize(self):
         if not self.was_initialized:
-            self.hermes = HermesConfig.from_value(self.hermes)
+            cfg = HermesConfig.from_value(self.hermes)
+            if cfg.shared_input:  # the widest member decides the stem (recorded: a model folder rebuilds it)
+                cfg = replace(cfg, input_channels=max(len(m.channels) for m in self.spec.members))
+            self.hermes = cfg
+            if cfg.official:
+                self.enable_deep_supervision = False  # the official Hermes-R has one output
             # record the configuration in the joint plans: saved as the model folder's plans.json, read back by
             # the static network builder at inference, validation, analysis and adaptation
             plans = self.plans_manager.plans
             plans["nnharmony"] = {**plans["nnharmony"], "hermes": self.hermes.to_dict()}
         super().initialize()
+        decay = HermesConfig.from_value(self.hermes).resolved_ema_decay()
+        self.ema = WeightEMA(self.unwrapped_network(), decay) if decay else None
 
     def extra_checkpoint_state(self) -> dict:
-        return {"hermes": HermesConfig.from_value(self.hermes).to_dict()}
+        state: dict[str, Any] = {"hermes": HermesConfig.from_value(self.hermes).to_dict()}
+        if self.ema is not None and self.ema.held_weights is not None:
+            state["ema"] = {"training_weights": self.ema.held_weights, "step": self.ema.step, "decay": self.ema.decay}
+        return state
+
+    # ------------------------------------------------------------------ recipe: optimizer, schedule, EMA
+    def configure_optimizers(self):
+        """'official' recipe: timm's LAMB (apex FusedLAMB's algorithm: trust ratio on every tensor with weight
+        decay, global gradient-norm clipping at 1) with the official hyperparameters and the official schedule;
+        otherwise the base trainer's ('sgd' / 'adamw', nnU-Net's poly schedule)."""
+        cfg = HermesConfig.from_value(self.hermes)
+        if not cfg.official or self.adaptation_mode:
+            return super().configure_optimizers()
+        from timm.optim import Lamb
+
+        optimizer = Lamb(self.network.parameters(), **OFFICIAL_LAMB)
+        warmup = cfg.resolved_warmup_epochs(self.num_epochs)
+        return optimizer, WarmupPolyLRScheduler(optimizer, OFFICIAL_LAMB["lr"], self.num_epochs, warmup)
+
+    def train_step(self, batch: dict) -> dict:
+        result = super().train_step(batch)
+        if self.ema is not None:
+            self.ema.update(self.unwrapped_network())
+        return result
+
+    def on_validation_epoch_start(self):
+        super().on_validation_epoch_start()
+        if self.ema is not None:  # the official code evaluates the EMA network
+            self.ema.hold(self.unwrapped_network())
+
+    def on_validation_epoch_end(self, val_outputs: list):
+        if self.ema is not None:
+            self.ema.release(self.unwrapped_network())
+        super().on_validation_epoch_end(val_outputs)
+
+    def save_checkpoint(self, filename: str) -> None:
+        """With EMA, ``network_weights`` are the EMA weights (what prediction, the final validation and
+        ``nnharmony_adapt`` load); the training weights and the EMA step go to ``nnharmony.ema`` for ``--c``."""
+        if self.ema is None:
+            return super().save_checkpoint(filename)
+        net = self.unwrapped_network()
+        self.ema.hold(net)
+        try:
+            super().save_checkpoint(filename)
+        finally:
+            self.ema.release(net)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, (str, os.PathLike)):
+            from nnharmony.trainers.checkpoint import load_checkpoint_file
+
+            checkpoint = load_checkpoint_file(checkpoint, expected_trainer=type(self).__name__,
+                                              expected_collection=self.spec)
+        record = (checkpoint.get("nnharmony") or {}).get("ema")
+        if self.ema is None or record is None:
+            return super().load_checkpoint(checkpoint)
+        super().load_checkpoint({**checkpoint, "network_weights": record["training_weights"]})
+        self.ema.load(checkpoint["network_weights"], int(record["step"]))
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if self.ema is None:
+            return super().perform_actual_validation(save_probabilities)
+        net = self.unwrapped_network()
+        self.ema.hold(net)
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            self.ema.release(net)
 
     def _build_loss(self):
         cfg = HermesConfig.from_value(self.hermes)
@@ -293,6 +512,18 @@ class HermesTrainer(nnHarmonyTrainer):
             return task_ids_from_mask(mask, min_width=self.task_width)
         return task_ids_from_mask(mask, min_width=int(mask.sum(1).max()) + 1)
 
+    def batch_input_slots(self, batch: dict) -> torch.Tensor | None:
+        """(B, input_channels) channel slots of each sample's member (shared input), None with the per-slot one."""
+        cfg = HermesConfig.from_value(self.hermes)
+        if not cfg.shared_input:
+            return None
+        table = getattr(self, "_member_slots", None)
+        if table is None:
+            width = stem_input_channels(cfg, self.spec.num_modalities)
+            table = self._member_slots = slot_table([self.spec.channel_slots(m.dataset_id)
+                                                     for m in self.spec.members], width)
+        return table[batch["dataset_id"].cpu()]
+
     def network_forward(self, data: torch.Tensor, batch: dict):
         task_ids = self.batch_task_ids(batch)
         modality_id = batch["modality_id"].cpu()
@@ -300,7 +531,8 @@ class HermesTrainer(nnHarmonyTrainer):
         if p > 0 and self.network.training:
             drop = torch.rand(modality_id.shape) < p
             modality_id = torch.where(drop, torch.full_like(modality_id, -1), modality_id)
-        return self.network(data, task_ids=task_ids, modality_id=modality_id)
+        return self.network(data, task_ids=task_ids, modality_id=modality_id,
+                            input_slots=self.batch_input_slots(batch))
 
     def compute_loss(self, output, target, batch: dict) -> torch.Tensor:
         task_ids = self.batch_task_ids(batch).to(self.device, non_blocking=True)
@@ -341,19 +573,23 @@ class HermesTrainer(nnHarmonyTrainer):
     # ------------------------------------------------------------------ inference
     @classmethod
     def inference_condition(cls, spec: CollectionSpec, member_index: int) -> dict[str, Any]:
-        """The member's global task ids (its region order) and its primary modality."""
+        """The member's global task ids (its region order), its primary modality and its channel slots."""
         m = spec.members[member_index]
-        return {"task_ids": spec.task_ids(m.dataset_id), "modality_id": spec.primary_modality(m.dataset_id)}
+        return {"task_ids": spec.task_ids(m.dataset_id), "modality_id": spec.primary_modality(m.dataset_id),
+                "input_slots": spec.channel_slots(m.dataset_id)}
 
     @classmethod
     def modality_probabilities(cls, predictor, data: torch.Tensor) -> np.ndarray:
         """Softmax of the modality head on the central patch of preprocessed ``data`` (M, *shape), with the
-        unknown-modality token and all global tasks, averaged over the predictor's folds."""
+        unknown-modality token and all global tasks, averaged over the predictor's folds. The shared input takes
+        the slots that hold an image (the hypothesis' member is not passed here)."""
         net = predictor.network
         patch = [int(p) for p in predictor.configuration_manager.patch_size]
         x = central_patch(data, patch)[None].to(predictor.device)
         tasks = torch.arange(predictor.spec.num_tasks, dtype=torch.long, device=predictor.device)[None]
         unknown = torch.full((1,), -1, dtype=torch.long, device=predictor.device)
+        width = getattr(net, "input_width", None)
+        slots = slot_table([occupied_slots(data)], width) if width is not None else None
         probs = []
         was_training = net.training
         net.eval()
@@ -361,7 +597,7 @@ class HermesTrainer(nnHarmonyTrainer):
             with torch.no_grad():
                 for params in predictor.parameters:
                     net.load_state_dict(params)
-                    net(x, task_ids=tasks, modality_id=unknown)
+                    net(x, task_ids=tasks, modality_id=unknown, input_slots=slots)
                     probs.append(torch.softmax(net.last_modality_logits.float(), dim=-1)[0].cpu())
         finally:
             net.train(was_training)
@@ -461,6 +697,7 @@ class HermesTrainer(nnHarmonyTrainer):
         if missing:
             raise ValueError(f"old model lacks {len(missing)} tensor(s) of the new network, e.g. {missing[:3]} "
                              f"(other Hermes options or backbone?)")
+        rest_old = _widen_shared_stem(rest_old, rest_new, net)
         merged = transfer_state_dict(rest_old, rest_new, old_spec, new_spec)
         merged.update(hermes)
         net.load_state_dict(merged)  # copies into the existing Parameters
@@ -508,8 +745,131 @@ class HermesResEncTrainer(HermesTrainer):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# recipe helpers
+# ----------------------------------------------------------------------------------------------------------
+class WeightEMA:
+    """Exponential moving average of a network's weights, as the official training script keeps it: after every
+    optimizer step ``ema = a * ema + (1 - a) * w`` with ``a = min(1 - 1 / (step + 1), decay)`` (the early ramp
+    keeps the random initialisation from dominating the first hundred steps); buffers are copied.
+
+    :meth:`hold` swaps the EMA weights into the network (the training weights are kept in ``held_weights``),
+    :meth:`release` swaps them back: validation, checkpoints and the final validation run on the EMA weights
+    without a second network in memory."""
+
+    def __init__(self, network: nn.Module, decay: float):
+        self.decay = float(decay)
+        self.step = 0
+        # one copy per tensor: a state dict can name one Parameter twice (dynamic_network_architectures' convs)
+        copies: dict[int, torch.Tensor] = {}
+        for v in network.state_dict(keep_vars=True).values():
+            if id(v) not in copies:
+                copies[id(v)] = v.detach().clone()
+        self.weights = {k: copies[id(v)] for k, v in network.state_dict(keep_vars=True).items()}
+        self.held_weights: dict[str, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def update(self, network: nn.Module) -> None:
+        if self.held_weights is not None:
+            raise RuntimeError("WeightEMA.update while the EMA weights are held in the network")
+        a = min(1.0 - 1.0 / (self.step + 1), self.decay)
+        self.step += 1
+        params = dict(network.named_parameters())
+        averaged = [(self.weights[k], p.detach()) for k, p in params.items() if p.dtype.is_floating_point]
+        if averaged:
+            torch._foreach_lerp_([e for e, _ in averaged], [p for _, p in averaged], 1.0 - a)
+        for k, b in network.named_buffers():
+            if k in self.weights:
+                self.weights[k].copy_(b)
+
+    @torch.no_grad()
+    def hold(self, network: nn.Module) -> None:
+        """Put the EMA weights into ``network``; the training weights wait in ``held_weights``."""
+        if self.held_weights is not None:
+            return
+        self.held_weights = {k: v.detach().clone() for k, v in network.state_dict().items()}
+        network.load_state_dict(self.weights)
+
+    @torch.no_grad()
+    def release(self, network: nn.Module) -> None:
+        """Put the training weights back."""
+        if self.held_weights is None:
+            return
+        network.load_state_dict(self.held_weights)
+        self.held_weights = None
+
+    @torch.no_grad()
+    def load(self, weights: Mapping[str, torch.Tensor], step: int) -> None:
+        for k, v in weights.items():
+            key = k[7:] if k.startswith("module.") else k
+            self.weights[key].copy_(v)
+        self.step = int(step)
+
+
+class WarmupPolyLRScheduler:
+    """The official Hermes schedule, stepped per epoch like nnU-Net's (``step(epoch)``)::
+
+        lr(e) = lr0 * exp(10 * (e / W - 1))   for e < W     (exponential warm-up from lr0 * e^-10)
+        lr(W) = lr0
+        lr(e) = lr0 * (1 - e / E) ** 0.9      for e > W     (poly decay)
+
+    ``W = 0``: poly decay from the first epoch (nnU-Net's schedule)."""
+
+    def __init__(self, optimizer, initial_lr: float, max_steps: int, warmup_steps: int, exponent: float = 0.9):
+        self.optimizer, self.initial_lr, self.max_steps = optimizer, initial_lr, max_steps
+        self.warmup_steps, self.exponent = int(warmup_steps), exponent
+        self.ctr = 0
+        self.step(0)
+
+    def lr_at(self, step: int) -> float:
+        if 0 < self.warmup_steps and step <= self.warmup_steps:
+            return self.initial_lr * (1.0 if step == self.warmup_steps else math.exp(10 * (step / self.warmup_steps - 1)))
+        return self.initial_lr * max(0.0, 1 - step / self.max_steps) ** self.exponent
+
+    def step(self, current_step=None):
+        if current_step is None or current_step == -1:
+            current_step = self.ctr
+            self.ctr += 1
+        lr = self.lr_at(int(current_step))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self._last_lr = [lr] * len(self.optimizer.param_groups)
+
+    def get_last_lr(self):
+        return self._last_lr
+
+    def state_dict(self) -> dict:
+        return {"ctr": self.ctr}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ctr = state.get("ctr", 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------
+def _widen_shared_stem(old_state: dict, new_state: dict, net: nn.Module) -> dict:
+    """Shared input grown by adaptation (a member with more channels than any before): the stem's new input
+    channels get zero weights (old channels keep their meaning: the k-th occupied slot), so old outputs stay."""
+    width = getattr(net, "input_width", None)
+    stem = next((m for m in net.encoder.modules()
+                 if isinstance(m, nn.modules.conv._ConvNd) and m.in_channels == width), None)
+    if width is None or stem is None:
+        return old_state
+    # the stem's weight can sit under several keys (dynamic_network_architectures registers convs twice)
+    keys = [k for k, v in new_state.items() if v.data_ptr() == stem.weight.data_ptr() and k in old_state]
+    out = dict(old_state)
+    for key in keys:
+        old, new = old_state[key], new_state[key]
+        if old.shape == new.shape:
+            continue
+        if old.shape[1] > new.shape[1] or old.shape[:1] + old.shape[2:] != new.shape[:1] + new.shape[2:]:
+            raise ValueError(f"{key}: old {tuple(old.shape)} does not fit the new shared stem {tuple(new.shape)}")
+        widened = torch.zeros_like(new)
+        widened[:, : old.shape[1]] = old
+        out[key] = widened
+    return out
+
+
 def central_patch(data: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
     """(C, *shape) -> (C, *patch_size): the central crop, zero-padded (symmetrically) where the image is
     smaller than the patch."""
