@@ -78,6 +78,9 @@ def parse_args(argv=None):
                    help="real-data collection spec (members imported with benchmarks/real_data/import_all.py)")
     p.add_argument("--train", nargs="*", default=["universeg", "supervised"], choices=["universeg", "supervised"],
                    help="models to train (others are reused from --workdir)")
+    p.add_argument("--supervised-plans", default="nnHarmonyPlans",
+                   help="plans of the supervised model (e.g. a smaller-batch variant written by "
+                        "benchmarks/real_data/plans_variant.py, for a CPU)")
     p.add_argument("--train-only", action="store_true", help="stop after training (evaluate in a later run)")
     p.add_argument("--iterations-per-epoch", type=int, default=50)
     p.add_argument("--support-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
@@ -102,8 +105,10 @@ def parse_args(argv=None):
     return args
 
 
-def train(collection: str, cfg: str, trainer: str, args, options: dict, minutes: float) -> None:
-    cmd = [sys.executable, "-m", "nnharmony.cli.train", collection, cfg, "0", "-tr", trainer, "-device", args.device,
+def train(collection: str, cfg: str, trainer: str, args, options: dict, minutes: float,
+          plans: str = "nnHarmonyPlans") -> None:
+    cmd = [sys.executable, "-m", "nnharmony.cli.train", collection, cfg, "0", "-tr", trainer, "-p", plans,
+           "-device", args.device,
            "--epochs", "100000", "--iterations-per-epoch", str(args.iterations_per_epoch),
            "--val-iterations-per-epoch", "2", "--save-every", "100000",
            "--trainer-options", json.dumps({"wall_clock_budget_minutes": minutes, **options})]
@@ -178,7 +183,8 @@ def main(argv=None) -> None:
     if "universeg" in args.train:
         train(collection, args.configuration, "UniverSegTrainer", args, useg_options, args.budget_minutes)
     if "supervised" in args.train:
-        train(SUPERVISED, args.configuration, "nnHarmonyTrainer", args, {}, args.supervised_budget_minutes)
+        train(SUPERVISED, args.configuration, "nnHarmonyTrainer", args, {}, args.supervised_budget_minutes,
+              args.supervised_plans)
     if args.train_only:
         return
 
@@ -231,14 +237,14 @@ def main(argv=None) -> None:
         if not target.exists():
             os.symlink(raw / "imagesTr" / f"{c}_0000{fe}", target)
     run([sys.executable, "-m", "nnharmony.cli.predict", "-i", str(sup_in), "-o", str(sup_out), "-d", SUPERVISED,
-         "-tr", "nnHarmonyTrainer", "-c", args.configuration, "-f", "0", "--member", str(args.holdout),
+         "-tr", "nnHarmonyTrainer", "-p", args.supervised_plans, "-c", args.configuration, "-f", "0", "--member", str(args.holdout),
          "-device", args.device], "supervised prediction")
     per_label = {}
     for t in member.tasks:
         per_label[t.label] = [dice(np.isin(sup.read_image(sup_out / f"{c}{fe}")[0], t.values), np.isin(y, t.values))
                               for c, _, y, _ in queries]
     supervised = (mean_dice(per_label), {k: float(np.nanmean(v)) for k, v in per_label.items()})
-    sup_ckpt = read_weights_file(work / "results" / SUPERVISED / f"nnHarmonyTrainer__nnHarmonyPlans__{args.configuration}"
+    sup_ckpt = read_weights_file(work / "results" / SUPERVISED / f"nnHarmonyTrainer__{args.supervised_plans}__{args.configuration}"
                                  / "fold_0" / "checkpoint_final.pth")
 
     # ---- table

@@ -253,8 +253,8 @@ def test_predict_held_out_member_from_support_and_evaluate(universeg_model, synt
     cases = _support_and_inputs(synthetic_collection, tmp_path, layout)
     out = tmp_path / "out"
     label = "liver" if layout == "raw" else "1"  # a name needs the dataset.json of the raw layout
-    predict_cli.main(["-i", str(tmp_path / "in"), "-o", str(out), "-c", synthetic_collection["name"],
-                      "-tr", "UniverSegTrainer", "-cfg", "2d", "-f", "0", "--support", str(tmp_path / "support"),
+    predict_cli.main(["-i", str(tmp_path / "in"), "-o", str(out), "-d", synthetic_collection["name"],
+                      "-tr", "UniverSegTrainer", "-c", "2d", "-f", "0", "--support", str(tmp_path / "support"),
                       "--label", label, "-S", "3", "-K", "2", "-device", "cpu", "--save_probabilities"])
     for c in cases:
         pred = sitk.ReadImage(str(out / f"{c}.nii.gz"))
@@ -280,8 +280,8 @@ def test_predict_bad_inputs_fail_before_predicting(universeg_model, synthetic_co
     from nnharmony.cli import predict as predict_cli
 
     _support_and_inputs(synthetic_collection, tmp_path, "raw")
-    base = ["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-c", synthetic_collection["name"],
-            "-tr", "UniverSegTrainer", "-cfg", "2d", "-f", "0", "-device", "cpu"]
+    base = ["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-d", synthetic_collection["name"],
+            "-tr", "UniverSegTrainer", "-c", "2d", "-f", "0", "-device", "cpu"]
 
     def fails(extra, match):
         with pytest.raises(SystemExit):

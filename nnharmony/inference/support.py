@@ -3,7 +3,7 @@
 A trained :class:`~nnharmony.trainers.universeg_trainer.UniverSegTrainer` segments a task it may never have seen
 (a held-out member, a new dataset) from a **support folder** of labelled examples of that task::
 
-    nnharmony_predict -i IMAGES -o OUT -c COLLECTION -tr UniverSegTrainer -cfg 2d -f 0 \\
+    nnharmony_predict -i IMAGES -o OUT -d COLLECTION -tr UniverSegTrainer -c 2d -f 0 \\
         --support DIR --label 1 -S 8 -K 5 -device cuda
 
 A UniverSeg **release checkpoint** (``universeg_v1_nf64_ss64_STA.pt``, a state dict of the 2D model with encoder

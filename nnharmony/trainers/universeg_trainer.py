@@ -12,7 +12,7 @@ several members are mixed in one batch; in-task and task augmentation, optional 
     nnharmony_train Collection900_Synth 3d_fullres 0 -tr UniverSegTrainer --holdout 903 \\
         --trainer-options '{"image_size": 32, "support_size": 4}'
     # segment the unseen member from labelled examples
-    nnharmony_predict -i imgs -o out -c Collection900_Synth -tr UniverSegTrainer -cfg 2d -f 0 \\
+    nnharmony_predict -i imgs -o out -d Collection900_Synth -tr UniverSegTrainer -c 2d -f 0 \\
         --support Dataset903_X/ --label 1 -S 16 -K 5
 
 Options (trainer attributes, ``--trainer-options`` JSON; ``--holdout`` sets ``holdout``):
