@@ -90,7 +90,9 @@ class UHarmonyConfig:
     * ``restoration``: stage 2 of the harmonization, 'instance' (R1, RevIN-like re-injection of the
       instance statistics with a learned per-channel mix) [R], 'domain' (R2, gate-mixed learned per-domain
       affine) [R] or 'none' (IN + polynomial affine only);
-    * ``poly_order``: K of the polynomial affine sum_k a_k xhat^k + b (existence [P], form and K [R]);
+    * ``poly_order``: K of the polynomial affine sum_k a_k xhat^k + b (existence [P], form and K [R]): 3,
+      since METHODS.md A.3 allows 2 or 3 and plans the clamp for the cubic term, and K = 3 contains K = 2
+      (a_k, k > 1, start at 0);
     * ``stages``: insertion depth, ``replace_norms`` grammar ('all', 'encoder', 'decoder', 'first:k',
       'last:k', joined by + / -) [P: "depends on the number of layers"; default 'all' R];
     * ``gate_temperature``: tau of the cosine gate softmax(cos(W z, P_d) / tau + b_d) [R];
