@@ -40,7 +40,8 @@ class Preset:
     trainers: dict[str, str] = field(default_factory=dict)
 
 
-#: ``nnharmony_benchmark --quick``: the newcomer's first run, trained models in under 10 minutes on a 2-core CPU.
+#: ``nnharmony_benchmark --quick``: the newcomer's first run, aimed at trained models within 10 minutes on an idle
+#: 2-core CPU (not yet shown: on a shared CPU the fixed training time bought too few steps, see the README).
 #: Why these values (README, "The main job"): 2D (a CPU trains a 2D U-Net step in a fraction of a 3D one's time
 #: and the slices give many samples per case), small images (48 mm field of view at about 1 mm), one planning,
 #: every method in this process, a narrower network and smaller batch (:mod:`.plans_variant`), 8 epochs fitted

@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help=f"the newcomer's preset: built-in synthetic collection {QUICK.collection} ({quick_members}; "
                         f"field of view {'x'.join(map(str, QUICK.shape))} mm), every method on the {QUICK.configuration} "
-                        f"configuration with budget {QUICK.budget}, data loading in this process; under 10 min on a "
-                        f"2-core CPU. Uses $nnUNet_raw/_preprocessed/_results if set, else ./{QUICK_WORKDIR}/")
+                        f"configuration with budget {QUICK.budget} (training takes that long per method on any "
+                        f"machine; planning, validation and prediction come on top), everything in this process. "
+                        f"Uses $nnUNet_raw/_preprocessed/_results if set, else ./{QUICK_WORKDIR}/")
     p.add_argument("-c", "--collection", default=None,
                    help="a planned collection (nnharmony_plan_and_preprocess -n NAME); default: the built-in "
                         "synthetic collection, generated and planned if missing")
