@@ -3,6 +3,7 @@ spread (min-max) of the wall time and of each method's mean Dice (the table's **
 
     python benchmarks/quick_repeat.py            # 5 runs in a temporary folder
     python benchmarks/quick_repeat.py -n 3 --keep /tmp/quick_runs
+    python benchmarks/quick_repeat.py --summarize /tmp/quick_runs     # the table of runs kept there
 
 Each run is a new process (``python -m nnharmony.cli.benchmark --quick --workdir RUN``) with nothing planned or
 trained before it, timed from outside (``time.perf_counter`` around the process, so start-up counts). The load
@@ -46,7 +47,21 @@ def one_run(folder: Path) -> dict:
     out["dice"] = method_means(bench)
     out["timings"] = {t["method"]: t.get("total_s") for t in bench["timings"]}
     out["shared"] = bench.get("shared_timings", {})
+    (folder / "quick_repeat_run.json").write_text(json.dumps(out, indent=1))
     return out
+
+
+def kept_runs(root: Path) -> list[dict]:
+    """Runs kept under ``root`` (``run_*/quick_repeat_run.json``; a run without it: its report's own total)."""
+    runs = []
+    for folder in sorted(root.glob("run_*")):
+        f, bench_file = folder / "quick_repeat_run.json", folder / "report" / "benchmark.json"
+        if f.is_file():
+            runs.append(json.loads(f.read_text()))
+        elif bench_file.is_file():
+            bench = json.loads(bench_file.read_text())
+            runs.append({"wall_s": bench["total_s"], "dice": method_means(bench), "load_before": "?"})
+    return runs
 
 
 def method_means(bench: dict) -> dict[str, float]:
@@ -68,7 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-n", "--runs", type=int, default=5)
     p.add_argument("--keep", type=Path, default=None, help="keep the runs' folders here (default: a temp folder, removed)")
+    p.add_argument("--summarize", type=Path, default=None, metavar="DIR", help="no new run: the table of the runs kept in DIR")
     args = p.parse_args(argv)
+    if args.summarize is not None:
+        runs = kept_runs(args.summarize)
+        print_table(runs, f"--summarize {args.summarize}")
+        return 0
     root = args.keep or Path(tempfile.mkdtemp(prefix="nnharmony_quick_repeat_"))
     runs = []
     for i in range(args.runs):
@@ -83,17 +103,21 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(folder, ignore_errors=True)
     if args.keep is None:
         shutil.rmtree(root, ignore_errors=True)
+    print_table(runs, f"-n {args.runs}")
+    return 0 if all("dice" in r for r in runs) else 1
+
+
+def print_table(runs: list[dict], command: str) -> None:
     ok = [r for r in runs if "dice" in r]
     methods = list(dict.fromkeys(m for r in ok for m in r["dice"]))
-    print(f"`python benchmarks/quick_repeat.py -n {args.runs}`: {len(ok)}/{len(runs)} runs finished; "
+    print(f"`python benchmarks/quick_repeat.py {command}`: {len(ok)}/{len(runs)} runs finished; "
           f"median (min-max) over the runs\n")
     print("| | " + " | ".join(["wall time (min)"] + [f"{m} mean Dice" for m in methods]) + " |")
     print("|---|" + "---:|" * (1 + len(methods)))
     cells = [spread([r["wall_s"] / 60 for r in runs], ".2f")]
     cells += [spread([r["dice"][m] for r in ok if m in r["dice"]], ".3f") for m in methods]
     print("| --quick | " + " | ".join(cells) + " |")
-    print("\nload average (1, 5, 15 min) before each run: " + "; ".join(r["load_before"] for r in runs))
-    return 0 if len(ok) == len(runs) else 1
+    print("\nload average (1, 5, 15 min) before each run: " + "; ".join(r.get("load_before", "?") for r in runs))
 
 
 if __name__ == "__main__":
