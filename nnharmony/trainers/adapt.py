@@ -108,7 +108,8 @@ def adapt_model(old_collection: str, new_collection: str, trainer_name: str, con
     after = {}
     for m in trainer.spec.members:
         f = fold_dir / "validation" / m.dataset_name / "summary.json"
-        after[m.dataset_name] = json.loads(f.read_text())
+        if f.is_file():  # a training-only member (no validation cases in this fold) has none
+            after[m.dataset_name] = json.loads(f.read_text())
     old_members = [m.dataset_name for m in old_spec.members]
     b, a = _dice_table(before), _dice_table(after)
     report = {"old_collection": old_collection, "new_collection": new_collection, "trainer": trainer_name,

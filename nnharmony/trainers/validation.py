@@ -37,6 +37,9 @@ def validate_members(trainer, save_probabilities: bool = False) -> dict[str, dic
     for member_index, (_, val_ids) in folds.items():
         ctx = predictor.member_context(member_index)
         m = ctx.member
+        if not val_ids:  # a training-only member (e.g. one case, every fold's training set): nothing to score
+            trainer.print_to_log_file(f"{m.dataset_name}: no validation cases in fold {trainer.fold}, not validated")
+            continue
         out_dir = Path(trainer.output_folder) / "validation" / m.dataset_name
         out_dir.mkdir(parents=True, exist_ok=True)
         data_folder = preprocessed_dir() / m.dataset_name / ctx.configuration_manager.data_identifier
