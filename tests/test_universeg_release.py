@@ -138,3 +138,21 @@ def test_trainer_checkpoint_loads_with_its_recorded_configuration(tmp_path):
     assert got == cfg
     for k, v in net.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
+
+
+def test_release_weights_fine_tune_through_nnharmony_train(synthetic_collection):
+    """``nnharmony_train ... -tr UniverSegTrainer -pretrained_weights FILE`` starts from the release weights."""
+    from nnharmony.cli import train as train_cli
+
+    options = {"image_size": 32, "support_size": 2, "episode_batch_size": 2, "num_workers": 0,
+               "validation_max_cases": 1, "estimate_iteration_time": False}
+    train_cli.main([synthetic_collection["name"], "2d", "0", "-tr", "UniverSegTrainer", "-device", "cpu", "--epochs",
+                    "1", "--iterations-per-epoch", "1", "--val-iterations-per-epoch", "1", "--holdout", "902",
+                    "-pretrained_weights", str(WEIGHTS), "--trainer-options", json.dumps(options)])
+    model = Path(synthetic_collection["nnUNet_results"]) / synthetic_collection["name"] / \
+        "UniverSegTrainer__nnHarmonyPlans__2d" / "fold_0"
+    tuned = torch.load(model / "checkpoint_final.pth", weights_only=True)["network_weights"]
+    release = torch.load(WEIGHTS, weights_only=True)
+    assert tuned.keys() == release.keys()
+    # one Adam step at lr 1e-4 moves every weight by at most ~1e-4: the start was the release, not a fresh init
+    assert max((tuned[k] - release[k]).abs().max().item() for k in release) < 1e-3
