@@ -268,3 +268,26 @@ def test_official_recipe_end_to_end(synthetic_collection, tmp_path):
                       "HermesTrainer", "-cfg", "2d", "-f", "0", "-device", "cpu", "--disable_tta", "--dataset",
                       str(spec.members[0].dataset_id)])
     assert (tmp_path / "out" / case.name.replace("_0000", "")).is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prior ablations
+# ----------------------------------------------------------------------------------------------------------
+def test_ablation_switches():
+    torch.manual_seed(0)
+    net = build(HermesTrainer, 3, 4, ds=False, hermes={**SHARED, "task_priors": False})
+    fusion = next(iter(net.encoder_fusion.values()))
+    ids, mod = torch.tensor([[0, 1, -1]]), torch.tensor([0])
+    x = torch.randn(1, fusion.channels, 4, 4, 4)
+    _, priors = fusion(x, ids, mod)
+    assert torch.equal(priors[:, :3], fusion.pool.select(ids, mod)[:, :3])  # task tokens not fused: static
+    assert not torch.equal(priors[:, 3:], fusion.pool.select(ids, mod)[:, 3:])  # modality tokens are
+    net = build(HermesTrainer, 3, 4, ds=False, hermes={**SHARED, "modality_priors": False}).eval()
+    img = torch.randn(1, 3, 16, 16, 16)
+    slots = torch.tensor([[0, -1]])
+    with torch.no_grad():
+        a = net(img, task_ids=torch.tensor([[0]]), modality_id=torch.tensor([0]), input_slots=slots)
+        b = net(img, task_ids=torch.tensor([[0]]), modality_id=torch.tensor([1]), input_slots=slots)
+    assert torch.equal(a, b)
+    t = fake_trainer(net, hermes={**SHARED, "modality_priors": False}, ds_scales=1)
+    assert t.loss.mod_weight == 0

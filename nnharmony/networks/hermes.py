@@ -248,16 +248,19 @@ class PriorFusion(nn.Module):
     ``forward(x (B, C, *sp), task_ids (B, T), modality_id (B,)) -> (x' (B, C, *sp), priors (B, T+L, C))``;
     ``priors[:, :T]`` are the task posteriors, ``priors[:, T:]`` the modality posteriors.
     With ``mask_padded_tasks`` padded task slots (id -1) are not keys for the image tokens.
+    ``task_context=False`` (ablation "without task priors"): the task tokens take no part in the fusion and are
+    returned unchanged, so the prototypes are static per task (a learned linear head, as the baseline's).
     """
 
     def __init__(self, channels: int, n_blocks: int, num_tasks: int, num_modalities: int,
                  tokens_per_modality: int = 10, heads: Optional[int] = None, dim_head: int = 32,
-                 mlp_ratio: int = 4, mask_padded_tasks: bool = True):
+                 mlp_ratio: int = 4, mask_padded_tasks: bool = True, task_context: bool = True):
         super().__init__()
         if n_blocks < 1:
             raise ValueError(f"n_blocks must be >= 1, got {n_blocks}")
         self.channels = channels
         self.mask_padded_tasks = mask_padded_tasks
+        self.task_context = task_context
         self.pool = PriorPool(num_tasks, num_modalities, channels, tokens_per_modality)
         self.blocks = nn.ModuleList(
             PriorAttentionBlock(channels, heads, dim_head, mlp_ratio) for _ in range(n_blocks)
@@ -269,12 +272,19 @@ class PriorFusion(nn.Module):
         if x.dim() not in (4, 5) or x.shape[1] != self.channels:
             raise ValueError(f"expected (B, {self.channels}, *sp) with 2 or 3 spatial dims, got {tuple(x.shape)}")
         priors = self.pool.select(task_ids, modality_id).to(x.dtype)
+        if not self.task_context:
+            T = task_ids.shape[1]
+            x, fused = self._fuse(x, priors[:, T:], None)
+            return x, torch.cat([priors[:, :T], fused], dim=1)
         mask = None
         if has_padding is None:
             has_padding = bool((task_ids < 0).any())
         if self.mask_padded_tasks and has_padding:
             L = priors.shape[1] - task_ids.shape[1]
             mask = torch.cat([task_ids >= 0, task_ids.new_ones(task_ids.shape[0], L, dtype=torch.bool)], dim=1)
+        return self._fuse(x, priors, mask)
+
+    def _fuse(self, x: torch.Tensor, priors: torch.Tensor, mask: Optional[torch.Tensor]):
         spatial = x.shape[2:]
         tokens = rearrange(x, "b c ... -> b (...) c")
         for block in self.blocks:
@@ -439,6 +449,7 @@ class HermesUNet(nn.Module):
     ``fusion_stages``: ``"auto"`` (see :func:`hermes_fusion_stages`, blocks from ``blocks_per_level``
     ``{"encoder": (1/4, 1/8, 1/16), "decoder": (1/8, 1/4)}``) or ``{"encoder": {stage: n_blocks},
     "decoder": {stage: n_blocks}}``. ``deep_supervision=None`` keeps the backbone's setting.
+    ``task_context=False``: the ablation without task-prior fusion (see :class:`PriorFusion`).
     """
 
     def __init__(
@@ -455,6 +466,7 @@ class HermesUNet(nn.Module):
         dim_head: int = 32,
         mlp_ratio: int = 4,
         mask_padded_tasks: bool = True,
+        task_context: bool = True,
     ):
         super().__init__()
         for attr in ("encoder", "decoder"):
@@ -495,7 +507,7 @@ class HermesUNet(nn.Module):
 
         def fusion(c, nb):
             return PriorFusion(c, nb, num_tasks, num_modalities, tokens_per_modality, heads, dim_head, mlp_ratio,
-                               mask_padded_tasks)
+                               mask_padded_tasks, task_context)
 
         enc_f, dec_f = self.fusion_stages["encoder"], self.fusion_stages["decoder"]
         self.encoder_fusion = nn.ModuleDict({str(s): fusion(ch[s], nb) for s, nb in enc_f.items()})

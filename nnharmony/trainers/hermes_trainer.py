@@ -113,6 +113,11 @@ class HermesConfig:
     supervision). ``warmup_epochs`` (None: 5 per 200 epochs, as the official 5 of 200, at least 1);
     ``ema_decay`` (None: 0.99 with 'official', off with 'nnunet'; a number switches EMA on in either recipe).
 
+    Ablations (both True in the paper): ``task_priors`` False: the task tokens take no part in the fusion, so the
+    prototypes are static per task (a learned linear head); ``modality_priors`` False: every sample, in
+    training and at inference, gets the unknown-modality tokens (one shared learned set) and the modality loss
+    is off.
+
     Training: ``bce_weight``, ``dice_weight``, ``mod_weight`` (paper: 1, 1, 0.01);
     ``unknown_modality_prob``: probability that a training sample's modality prior is replaced by the
     unknown-modality token (the modality loss still uses the true modality). nnharmony addition (the
@@ -137,6 +142,8 @@ class HermesConfig:
     recipe: str = "nnunet"
     warmup_epochs: int | None = None
     ema_decay: float | None = None
+    task_priors: bool = True
+    modality_priors: bool = True
 
     def __post_init__(self):
         self.encoder_blocks = tuple(int(b) for b in self.encoder_blocks)
@@ -208,7 +215,8 @@ class HermesConfig:
     def network_kwargs(self) -> dict:
         return dict(blocks_per_level={"encoder": self.encoder_blocks, "decoder": self.decoder_blocks},
                     tokens_per_modality=self.tokens_per_modality, proto_dim=self.proto_dim, heads=self.heads,
-                    dim_head=self.dim_head, mlp_ratio=self.mlp_ratio, mask_padded_tasks=self.mask_padded_tasks)
+                    dim_head=self.dim_head, mlp_ratio=self.mlp_ratio, mask_padded_tasks=self.mask_padded_tasks,
+                    task_context=bool(self.task_priors))
 
 
 def hermes_config_from_plans(plans: Mapping) -> HermesConfig:
@@ -243,9 +251,10 @@ class HermesCollectionUNet(HermesUNet):
     channels-last view of its token layout, which sends every later CPU convolution down PyTorch's slow
     ``slow_conv3d`` path (measured: ~2x slower convolutions after the first fusion level)."""
 
-    def __init__(self, *args, input_width: int | None = None, **kwargs):
+    def __init__(self, *args, input_width: int | None = None, modality_priors: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.input_width = input_width
+        self.modality_priors = modality_priors
         self._inference_input_slots: torch.Tensor | None = None
         for fusion in list(self.encoder_fusion.values()) + list(self.decoder_fusion.values()):
             fusion.register_forward_hook(_contiguous_features)
@@ -272,6 +281,12 @@ class HermesCollectionUNet(HermesUNet):
         if isinstance(seg, (list, tuple)):
             return [self._to_global(s, ids) for s in seg]
         return self._to_global(seg, ids)
+
+    def _resolve_condition(self, x, task_ids, modality_id, cond, validate: bool = True):
+        task_ids, modality_id = super()._resolve_condition(x, task_ids, modality_id, cond, validate)
+        if not self.modality_priors:  # ablation: the unknown-modality tokens for everyone
+            modality_id = torch.full_like(modality_id, -1)
+        return task_ids, modality_id
 
     def _input_slots(self, x: torch.Tensor, input_slots, cond) -> torch.Tensor:
         if input_slots is None and cond is not None:
@@ -328,7 +343,8 @@ def _contiguous_features(module, inputs, output):
 def build_hermes_network(backbone: nn.Module, num_tasks: int, num_modalities: int, cfg: HermesConfig,
                          enable_deep_supervision: bool, input_width: int | None = None) -> HermesCollectionUNet:
     return HermesCollectionUNet(backbone, num_tasks, num_modalities, deep_supervision=enable_deep_supervision,
-                                input_width=input_width, **cfg.network_kwargs())
+                                input_width=input_width, modality_priors=bool(cfg.modality_priors),
+                                **cfg.network_kwargs())
 
 
 def stem_input_channels(cfg: HermesConfig, num_modalities: int) -> int | None:
@@ -501,7 +517,8 @@ class HermesTrainer(nnHarmonyTrainer):
         weights = None
         if self.enable_deep_supervision:
             weights = nnunet_deep_supervision_weights(len(self._get_deep_supervision_scales()), self.is_ddp)
-        return HermesLoss(cfg.mod_weight, cfg.bce_weight, cfg.dice_weight, ds_weights=weights)
+        mod_weight = cfg.mod_weight if cfg.modality_priors else 0.0  # no modality prior: nothing to classify from
+        return HermesLoss(mod_weight, cfg.bce_weight, cfg.dice_weight, ds_weights=weights)
 
     # ------------------------------------------------------------------ conditioning, forward, loss
     def batch_task_ids(self, batch: dict) -> torch.Tensor:
