@@ -229,23 +229,28 @@ def main(argv=None) -> None:
             seconds_per_case[(S, K)] = (time.perf_counter() - t_pred) / n_pred
             results[(S, K)] = (mean_dice(per_label), {k: float(np.nanmean(v)) for k, v in per_label.items()})
 
-    # ---- supervised reference
-    sup_in, sup_out = work / "eval" / "inputs", work / "eval" / "supervised"
-    sup_in.mkdir(parents=True, exist_ok=True)
-    for c, *_ in queries:
-        target = sup_in / f"{c}_0000{fe}"
-        if not target.exists():
-            os.symlink(raw / "imagesTr" / f"{c}_0000{fe}", target)
-    run([sys.executable, "-m", "nnharmony.cli.predict", "-i", str(sup_in), "-o", str(sup_out), "-d", SUPERVISED,
-         "-tr", "nnHarmonyTrainer", "-p", args.supervised_plans, "-c", args.configuration, "-f", "0", "--member", str(args.holdout),
-         "-device", args.device], "supervised prediction")
+    (work / "universeg_support_size_partial.json").write_text(json.dumps(
+        {f"S{S}_K{K}": v for (S, K), v in results.items()}, indent=2))
+    # ---- supervised reference: its own fold-0 validation predictions when they cover the queries, else predicted
+    sup_model = work / "results" / SUPERVISED / f"nnHarmonyTrainer__{args.supervised_plans}__{args.configuration}"
+    sup_out = sup_model / "fold_0" / "validation" / member.dataset_name
+    if not all((sup_out / f"{c}{fe}").is_file() for c, *_ in queries):
+        sup_in, sup_out = work / "eval" / "inputs", work / "eval" / "supervised"
+        sup_in.mkdir(parents=True, exist_ok=True)
+        for c, *_ in queries:
+            target = sup_in / f"{c}_0000{fe}"
+            if not target.exists():
+                os.symlink(raw / "imagesTr" / f"{c}_0000{fe}", target)
+        run([sys.executable, "-m", "nnharmony.cli.predict", "-i", str(sup_in), "-o", str(sup_out), "-d", SUPERVISED,
+             "-tr", "nnHarmonyTrainer", "-p", args.supervised_plans, "-c", args.configuration, "-f", "0",
+             "--member", str(args.holdout), "-device", args.device], "supervised prediction")
+    print(f"[supervised predictions: {sup_out}]", file=sys.stderr)
     per_label = {}
     for t in member.tasks:
         per_label[t.label] = [dice(np.isin(sup.read_image(sup_out / f"{c}{fe}")[0], t.values), np.isin(y, t.values))
                               for c, _, y, _ in queries]
     supervised = (mean_dice(per_label), {k: float(np.nanmean(v)) for k, v in per_label.items()})
-    sup_ckpt = read_weights_file(work / "results" / SUPERVISED / f"nnHarmonyTrainer__{args.supervised_plans}__{args.configuration}"
-                                 / "fold_0" / "checkpoint_final.pth")
+    sup_ckpt = read_weights_file(sup_model / "fold_0" / "checkpoint_final.pth")
 
     # ---- table
     labels = [t.label for t in member.tasks]
