@@ -73,7 +73,7 @@ def _spec_options(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     # before nnU-Net is imported: the folders and the planner's name (close matches listed)
-    preflight.require_folders("nnUNet_raw", "nnUNet_preprocessed")
+    preflight.require_folders("nnUNet_raw", outputs=["nnUNet_preprocessed"])
     preflight.check_planner(args.pl)
     from nnharmony.planners.plan_and_preprocess import plan_and_preprocess_collection
 

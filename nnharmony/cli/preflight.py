@@ -31,16 +31,20 @@ def close_matches(name: str, candidates: Iterable[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- folders
-def require_folders(*variables: str) -> None:
+def require_folders(*variables: str, outputs: Iterable[str] = ()) -> None:
     """Each of nnU-Net's folder variables (``nnUNet_raw``, ``nnUNet_preprocessed``, ``nnUNet_results``) is set
-    and names an existing folder."""
-    for var in variables:
+    and names an existing folder; one in ``outputs`` (a folder the command writes) may be missing, as in nnU-Net,
+    which creates it, but not be a file."""
+    outputs = set(outputs)
+    for var in (*variables, *sorted(outputs - set(variables))):
         value = os.environ.get(var)
         if not value:
             raise PathNotSetError(f"${var} is not set: export nnUNet_raw, nnUNet_preprocessed and nnUNet_results "
                                   f"(nnU-Net's folders, see nnU-Net's setting_up_paths.md)")
-        if not Path(value).is_dir():
-            raise FileNotFoundError(f"${var}={value}: folder does not exist")
+        if Path(value).is_dir() or (var in outputs and not Path(value).exists()):
+            continue
+        raise FileNotFoundError(f"${var}={value}: " + ("not a folder" if Path(value).exists() else
+                                                        "folder does not exist"))
 
 
 # ---------------------------------------------------------------------------------------------- collections

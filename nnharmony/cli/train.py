@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Folders, collection, trainer name and configuration, checked before torch and nnU-Net are imported."""
-    preflight.require_folders("nnUNet_preprocessed", "nnUNet_results")
+    preflight.require_folders("nnUNet_preprocessed", outputs=["nnUNet_results"])
     args.collection = preflight.planned_collection(args.collection)
     preflight.check_trainer(args.tr)
     preflight.check_configuration(args.configuration, preflight.planned_configurations(args.collection, args.p),
