@@ -17,6 +17,12 @@ and the baseline, plus the gate's domain accuracy. Prints Markdown tables; not a
     python benchmarks/uharmony_benchmark.py -device cuda --epochs 10 --iterations 25
     python benchmarks/uharmony_benchmark.py -c Collection900_X -device cuda --epochs 50 --iterations 250
 
+4. Ablations (``--ablation``, shared with ``hermes_benchmark.py``: in-process training on a narrower plans
+   variant, pseudo Dice on the same validation patches): harmonization only (uniform gate in training and
+   inference: one shared head), gated head only (no U-Harmony norms), both with R1 and with R2.
+
+    python benchmarks/uharmony_benchmark.py --ablation -c Collection900_Synth -cfg 2d --epochs 6 --iterations 6
+
 Without ``-c`` the synthetic collection is made and planned in a temporary folder (``$nnUNet_*`` point there).
 """
 from __future__ import annotations
@@ -139,6 +145,17 @@ def dice_tables(args) -> str:
     return "\n".join(lines)
 
 
+#: variant -> (trainer, --trainer-options)
+UHARMONY_ABLATIONS: dict[str, tuple[str, dict]] = {
+    "both, R1 (default)": ("UHarmonyTrainer", {}),
+    "both, R2 (per-domain restoration)": ("UHarmonyTrainer", {"uharmony": {"restoration": "domain"}}),
+    "harmonization only (uniform gate = one head)": (
+        "UHarmonyTrainer", {"uharmony": {"train_gate_mode": "uniform", "inference_gate_mode": "uniform",
+                                         "gate_loss_weight": 0.0}}),
+    "gated head only (InstanceNorm)": ("UHarmonyTrainer", {"uharmony": {"stages": "none"}}),
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--collection", default=None, help="planned collection (default: synthetic, temp folder)")
@@ -157,7 +174,16 @@ def main() -> None:
     p.add_argument("--shape", type=int, nargs=3, default=[32, 32, 32], help="synthetic volume shape")
     p.add_argument("--skip-step-time", action="store_true")
     p.add_argument("--skip-dice", action="store_true")
+    sys.path.insert(0, str(HERE))
+    from hermes_benchmark import ablation_table, add_ablation_arguments
+
+    add_ablation_arguments(p)
     args = p.parse_args()
+    if args.ablation:
+        if not args.collection:
+            raise SystemExit("--ablation needs -c (a planned collection)")
+        print(ablation_table(args, UHARMONY_ABLATIONS))
+        return
     if "nnHarmonyTrainer" not in args.trainers:
         args.trainers.insert(0, "nnHarmonyTrainer")
     sys.path.insert(0, str(HERE))

@@ -128,7 +128,7 @@ def test_config_in_one_place():
     assert (cfg2.restoration, cfg2.poly_order, cfg.restoration) == ("domain", 2, "instance")
     with pytest.raises(ValueError, match="unknown uharmony option.*gate_temperature"):
         cfg.updated({"temperature": 1.0})
-    for bad in ({"restoration": "batch"}, {"train_gate_mode": "uniform"}, {"stages": "middle"},
+    for bad in ({"restoration": "batch"}, {"train_gate_mode": "random"}, {"stages": "middle"},
                 {"restoration": "domain", "gate_source": "bottleneck"}, {"gate_temperature": 0}):
         with pytest.raises(ValueError):
             cfg.updated(bad)

@@ -74,7 +74,7 @@ __all__ = ["UHarmonyConfig", "UHarmonyTrainer", "UHarmonyResEncTrainer", "UHarmo
 #: nnU-Net ResEnc-M residual blocks per encoder stage (``nnUNetPlannerResEncM``), truncated to the stages
 RESENC_M_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6)
 RESENC_CLASS = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
-TRAIN_GATE_MODES = ("soft", "oracle")
+TRAIN_GATE_MODES = ("soft", "oracle", "uniform")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -108,7 +108,9 @@ class UHarmonyConfig:
 
     * ``gate_loss_weight``: weight of the auxiliary gate CE (0.1) [R]; 0 switches it off (the gate is then
       trained only through the segmentation loss, and ``--dataset auto`` becomes unreliable);
-    * ``train_gate_mode``: 'soft' (predicted gate, the paper) or 'oracle' (one-hot true domain);
+    * ``train_gate_mode``: 'soft' (predicted gate, the paper), 'oracle' (one-hot true domain) or 'uniform'
+      (1/D: with ``head_init`` 'copy' every domain head gets the same updates and stays one shared head; with
+      ``inference_gate_mode`` 'uniform' the ablation "harmonization only, no gated head");
     * ``inference_gate_mode``: 'soft' (dataset-free, the paper), 'oracle' (true domain of the given
       dataset, the ablation upper bound) or 'uniform' (1/D, an ablation);
     * ``gate_init``: 'imprint' (at the start of a training, each domain's prototype is set to the mean
