@@ -27,8 +27,11 @@ def cli_error_line(main, argv: list[str], capsys) -> str:
         main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith("error: "), err
-    return err[-1]
+    last = err[-1].rpartition("\r")[2] if err else ""
+    if "]error: " in last:  # a progress bar (tqdm) left its line open: the error follows it on the same line
+        last = last[last.index("]error: ") + 1:]
+    assert last.startswith("error: "), err
+    return last
 
 
 @pytest.fixture(scope="session")

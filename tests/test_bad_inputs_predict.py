@@ -120,8 +120,9 @@ def ws(synthetic_collection, tmp_path):
 
         @staticmethod
         def argv(i=inp, o=tmp_path / "out", *extra, dataset=None):
-            return ["-i", str(i), "-o", str(o), "-c", synthetic_collection["name"], "-tr", TRAINER, "--dataset",
-                    str(dataset or spec.members[one].dataset_id), "-device", "cpu", "--disable_tta", *extra]
+            return ["-i", str(i), "-o", str(o), "-d", synthetic_collection["name"], "-c", "3d_fullres", "-tr", TRAINER,
+                    "--member", str(dataset or spec.members[one].dataset_id), "-device", "cpu", "--disable_tta",
+                    *extra]
 
     W.inp = inp
     return W
@@ -155,7 +156,7 @@ def _missing_channel(w):
 
 def _unknown_collection(w):
     argv = w.argv()
-    argv[argv.index("-c") + 1] = "Collection999_Missing"
+    argv[argv.index("-d") + 1] = "Collection999_Missing"
     return argv, r"Collection999_Missing/nnHarmonyTrainer__nnHarmonyPlans__3d_fullres: no trained model", True
 
 
