@@ -23,21 +23,12 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import shared_data
+from test_raw_validation import _img
 
 SHAPE = (4, 6, 7)  # numpy (z, y, x)
 
 
 # ---------------------------------------------------------------------------------------------- builders
-def _img(a: np.ndarray, spacing=(1.0, 1.0, 2.0), origin=None, direction=None) -> sitk.Image:
-    im = sitk.GetImageFromArray(a)
-    im.SetSpacing(spacing[: a.ndim])
-    if origin is not None:
-        im.SetOrigin(origin)
-    if direction is not None:
-        im.SetDirection(direction)
-    return im
-
-
 def _label(shape=SHAPE, dtype=np.uint8, value=1) -> np.ndarray:
     lab = np.zeros(shape, dtype)
     lab[(slice(1, 3),) * len(shape)] = value
