@@ -18,6 +18,13 @@ def _wants_traceback(argv: Iterable[str] | None) -> bool:
     return bool(os.environ.get("NNHARMONY_DEBUG")) or "--verbose" in (sys.argv[1:] if argv is None else argv)
 
 
+def _close_progress_bars() -> None:
+    """End the lines of open progress bars, so that the error starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        bar.close()
+
+
 def exit_on_user_error(main: Callable) -> Callable:
     """Every error of a command becomes one line on stderr (exit status 2 for bad input, 1 for anything else)
     instead of a traceback; ``--verbose`` or ``NNHARMONY_DEBUG=1`` shows the traceback."""
@@ -32,6 +39,7 @@ def exit_on_user_error(main: Callable) -> Callable:
         except Exception as e:  # noqa: BLE001 -- the point: no traceback for the user
             if _wants_traceback(argv):
                 raise
+            _close_progress_bars()
             if isinstance(e, USER_ERRORS):
                 print(f"error: {e}", file=sys.stderr)
                 sys.exit(2)
