@@ -25,7 +25,7 @@ def _graph_breaks(fn, *args) -> tuple[int, list[str]]:
     return e.graph_break_count, [str(b.reason).splitlines()[0] for b in e.break_reasons]
 
 
-def _compare(model, call, x, backend: str, atol: float) -> None:
+def _compare(model, call, x, backend: str, atol: float, rtol: float = 1e-4) -> None:
     """Compiled ``call(model, x)`` equals eager: outputs and every parameter's and the input's gradient."""
     def run(fn):
         model.zero_grad(set_to_none=True)
@@ -40,12 +40,12 @@ def _compare(model, call, x, backend: str, atol: float) -> None:
     eager = run(call)
     compiled = run(torch.compile(call, backend=backend, fullgraph=True))
     for a, b in zip(eager[0], compiled[0]):
-        torch.testing.assert_close(b, a, atol=atol, rtol=1e-4)
-    torch.testing.assert_close(compiled[1], eager[1], atol=atol, rtol=1e-4)
+        torch.testing.assert_close(b, a, atol=atol, rtol=rtol)
+    torch.testing.assert_close(compiled[1], eager[1], atol=atol, rtol=rtol)
     params = dict(model.named_parameters())
     for n in eager[2].keys() | compiled[2].keys():  # a parameter outside the loss: None eager, zeros compiled
         zero = torch.zeros_like(params[n])
-        torch.testing.assert_close(compiled[2].get(n, zero), eager[2].get(n, zero), atol=atol, rtol=1e-4,
+        torch.testing.assert_close(compiled[2].get(n, zero), eager[2].get(n, zero), atol=atol, rtol=rtol,
                                    msg=lambda m: f"{n}: {m}")
 
 
@@ -103,10 +103,13 @@ def test_hermes_compiled_equals_eager_with_padded_tasks():
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["uharmony", "hermes"])
 def test_inductor_compiled_equals_eager(method):
-    """Inductor on the CPU (needs a C++ compiler): what nnU-Net's ``nnUNet_compile=t`` runs."""
+    """Inductor on the CPU (needs a C++ compiler): what nnU-Net's ``nnUNet_compile=t`` runs. Its fused kernels
+    sum in another order: a conv bias before a norm (true gradient 0) then differs by ~3e-4 of rounding, and
+    Hermes' first-layer gradient, after attention at five levels, by up to 0.14% (measured); aot_eager, the same
+    graph without code generation, agrees to 1e-4."""
     x = torch.randn(2, 1 if method == "uharmony" else 2, 32, 32)
     if method == "uharmony":
-        _compare(_uharmony("instance"), lambda m, x: m(x), x, "inductor", atol=2e-4)
+        _compare(_uharmony("instance"), lambda m, x: m(x), x, "inductor", atol=1e-3, rtol=5e-3)
     else:
         _compare(hermes(plain(2, ds=True)), lambda m, x: m(x, task_ids=TASK_IDS, modality_id=MOD_IDS), x,
-                 "inductor", atol=2e-4)
+                 "inductor", atol=1e-3, rtol=5e-3)
