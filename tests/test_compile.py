@@ -43,9 +43,13 @@ def _compare(model, call, x, backend: str, atol: float, rtol: float = 1e-4) -> N
         torch.testing.assert_close(b, a, atol=atol, rtol=rtol)
     torch.testing.assert_close(compiled[1], eager[1], atol=atol, rtol=rtol)
     params = dict(model.named_parameters())
+    # parameter gradients: atol relative to the largest gradient (a conv bias before a norm has true gradient 0,
+    # so only rounding is left in it to compare)
+    scale = max(float(g.abs().max()) for g in eager[2].values())
     for n in eager[2].keys() | compiled[2].keys():  # a parameter outside the loss: None eager, zeros compiled
         zero = torch.zeros_like(params[n])
-        torch.testing.assert_close(compiled[2].get(n, zero), eager[2].get(n, zero), atol=atol, rtol=rtol,
+        torch.testing.assert_close(compiled[2].get(n, zero), eager[2].get(n, zero), atol=atol * max(1.0, scale),
+                                   rtol=rtol,
                                    msg=lambda m: f"{n}: {m}")
 
 
