@@ -46,7 +46,6 @@ prototype head, modality classifier; the U-Net backbone is frozen).
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping, Sequence
@@ -65,6 +64,7 @@ from nnharmony.networks.hermes import (
 )
 from nnharmony.networks.hermes_loss import HermesLoss
 from nnharmony.trainers.losses import nnunet_deep_supervision_weights
+from nnharmony.trainers.lr_schedules import WarmupPolyLRScheduler
 from nnharmony.trainers.nnharmony_trainer import nnHarmonyTrainer
 
 __all__ = ["HermesConfig", "HermesCollectionUNet", "HermesTrainer", "HermesResEncTrainer", "RESENC_M_BLOCKS"]
@@ -820,45 +820,6 @@ class WeightEMA:
             key = k[7:] if k.startswith("module.") else k
             self.weights[key].copy_(v)
         self.step = int(step)
-
-
-class WarmupPolyLRScheduler:
-    """The official Hermes schedule, stepped per epoch like nnU-Net's (``step(epoch)``)::
-
-        lr(e) = lr0 * exp(10 * (e / W - 1))   for e < W     (exponential warm-up from lr0 * e^-10)
-        lr(W) = lr0
-        lr(e) = lr0 * (1 - e / E) ** 0.9      for e > W     (poly decay)
-
-    ``W = 0``: poly decay from the first epoch (nnU-Net's schedule)."""
-
-    def __init__(self, optimizer, initial_lr: float, max_steps: int, warmup_steps: int, exponent: float = 0.9):
-        self.optimizer, self.initial_lr, self.max_steps = optimizer, initial_lr, max_steps
-        self.warmup_steps, self.exponent = int(warmup_steps), exponent
-        self.ctr = 0
-        self.step(0)
-
-    def lr_at(self, step: int) -> float:
-        if 0 < self.warmup_steps and step <= self.warmup_steps:
-            return self.initial_lr * (1.0 if step == self.warmup_steps else math.exp(10 * (step / self.warmup_steps - 1)))
-        return self.initial_lr * max(0.0, 1 - step / self.max_steps) ** self.exponent
-
-    def step(self, current_step=None):
-        if current_step is None or current_step == -1:
-            current_step = self.ctr
-            self.ctr += 1
-        lr = self.lr_at(int(current_step))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self._last_lr = [lr] * len(self.optimizer.param_groups)
-
-    def get_last_lr(self):
-        return self._last_lr
-
-    def state_dict(self) -> dict:
-        return {"ctr": self.ctr}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.ctr = state.get("ctr", 0)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ from nnharmony.networks.uharmony import (
     adaptation_parameters as uharmony_adaptation_parameters,
     widen_input_channels,
 )
+from nnharmony.trainers.lr_schedules import ScaledPolyLRScheduler
 from nnharmony.trainers.nnharmony_trainer import load_collection_spec, nnHarmonyTrainer
 
 __all__ = ["UHarmonyConfig", "UHarmonyTrainer", "UHarmonyResEncTrainer", "UHarmonyOracleTrainer",
@@ -280,34 +281,6 @@ def gate_embeddings(network: nn.Module, x: torch.Tensor, normalize: bool = True)
     feats = net.gate_encoder(x) if net.gate_encoder is not None else net.encoder(x)[-1]
     u = net.gate.proj(feats.flatten(2).mean(-1)).float()
     return F.normalize(u, dim=1, eps=1e-6) if normalize else u
-
-
-class ScaledPolyLRScheduler:
-    """nnU-Net's poly schedule, lr = initial_lr (1 - step / max_steps)^0.9, times each parameter group's
-    ``lr_scale`` (nnU-Net's ``PolyLRScheduler`` gives every group the same lr)."""
-
-    def __init__(self, optimizer, initial_lr: float, max_steps: int, exponent: float = 0.9):
-        self.optimizer, self.initial_lr, self.max_steps, self.exponent = optimizer, initial_lr, max_steps, exponent
-        self.ctr = 0
-        self.step(0)
-
-    def step(self, current_step=None):
-        if current_step is None or current_step == -1:
-            current_step = self.ctr
-            self.ctr += 1
-        new_lr = self.initial_lr * (1 - current_step / self.max_steps) ** self.exponent
-        for group in self.optimizer.param_groups:
-            group["lr"] = new_lr * group.get("lr_scale", 1.0)
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-
-    def get_last_lr(self):
-        return self._last_lr
-
-    def state_dict(self) -> dict:
-        return {"ctr": self.ctr}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.ctr = state.get("ctr", 0)
 
 
 @torch.no_grad()
