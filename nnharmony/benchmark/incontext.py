@@ -20,10 +20,9 @@ from nnharmony.benchmark.files import label_tasks, raw_images, raw_label, safe_n
 def predict_member(trainer, member, train_ids: Sequence[str], val_ids: Sequence[str], out_dir: Path,
                    support_size: int, ensemble: int, seed: int = 0) -> list[Path]:
     """Writes ``out_dir/<label>/<case><ending>`` for every label of ``member`` and validation case; the files."""
-    import SimpleITK as sitk
     import torch
 
-    from nnharmony.inference.support import build_support_pool, predict_probabilities, read_image
+    from nnharmony.inference.support import build_support_pool, predict_probabilities, read_image, write_mask
 
     cfg = trainer.universeg_config()
     dim, size = int(cfg["dim"]), tuple(int(s) for s in cfg["image_size"])
@@ -46,13 +45,8 @@ def predict_member(trainer, member, train_ids: Sequence[str], val_ids: Sequence[
             with torch.no_grad():
                 prob = predict_probabilities([net], image.astype(np.float32), spacing, pool, dim, size, support_size,
                                              ensemble, rng, device)
-            seg = (prob > 0.5).astype(np.uint8) * np.uint8(values[0])  # a region: any of its values
-            if ref.GetDimension() == 3 and seg.ndim == 2:
-                seg = seg[None]
-            img = sitk.GetImageFromArray(seg)
-            img.CopyInformation(ref)
             target = folder / f"{case}{member.file_ending}"
-            sitk.WriteImage(img, str(target), True)
+            write_mask(prob, values[0], ref, target)  # a region: any of its values
             written.append(target)
     return written
 

@@ -52,6 +52,7 @@ model, 4D images), a support set without foreground for the requested label, an 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -510,6 +511,31 @@ def _check_support_request(args, trainer_name: str) -> tuple[int, int]:
     return K, S
 
 
+def write_mask(prob: np.ndarray, value: int, ref, target: Path) -> None:
+    """``prob > 0.5`` painted with ``value`` on the grid of ``ref`` (the input image), written atomically."""
+    import SimpleITK as sitk
+
+    from nnharmony.utils.io import atomic_write
+
+    dtype = np.uint8 if value < 256 else np.uint16
+    seg = (prob > 0.5).astype(dtype) * dtype(value)
+    if ref.GetDimension() == 3 and seg.ndim == 2:
+        seg = seg[None]
+    out = sitk.GetImageFromArray(seg)
+    out.CopyInformation(ref)
+
+    def write(tmp: str) -> None:  # SimpleITK picks its writer by the file ending: write beside tmp, then move
+        with_ending = tmp + target.name
+        try:
+            sitk.WriteImage(out, with_ending, True)
+            os.replace(with_ending, tmp)
+        finally:
+            if os.path.exists(with_ending):
+                os.remove(with_ending)
+
+    atomic_write(target, write)
+
+
 def predict_from_support(args, trainer_name: str = "UniverSegTrainer") -> list[Path]:
     """``nnharmony_predict ... -tr UniverSegTrainer --support DIR``: see the module docstring. Returns the files
     written."""
@@ -549,8 +575,6 @@ def predict_folder_in_context(args, networks: Sequence[torch.nn.Module], cfg: di
     """Segment every input case (``args.i``) from the support ``pairs`` with ``networks`` (configuration
     ``cfg``), write ``args.o``; every check runs before the first prediction. ``record`` says where the model
     came from in ``universeg_prediction.json``."""
-    import SimpleITK as sitk
-
     from nnharmony.utils.io import save_json_atomic
 
     K, S = int(args.ensemble), int(args.support_size)
@@ -569,18 +593,12 @@ def predict_folder_in_context(args, networks: Sequence[torch.nn.Module], cfg: di
     out_dir = Path(args.o)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    dtype = np.uint8 if out_value < 256 else np.uint16
     for n, (case, files) in enumerate(sorted(cases.items())):
         image, spacing, ref = read_image(files[0])
         rng = np.random.default_rng([int(args.seed), n])
         prob = predict_probabilities(networks, image.astype(np.float32), spacing, pool, dim, size, S, K, rng, device)
-        seg = (prob > 0.5).astype(dtype) * dtype(out_value)
-        if ref.GetDimension() == 3 and seg.ndim == 2:
-            seg = seg[None]
-        out = sitk.GetImageFromArray(seg)
-        out.CopyInformation(ref)
         target = out_dir / f"{case}{file_ending(files[0].name)}"
-        sitk.WriteImage(out, str(target), True)
+        write_mask(prob, out_value, ref, target)
         written.append(target)
         if getattr(args, "save_probabilities", False):
             np.savez_compressed(out_dir / f"{case}.npz", probabilities=np.stack([1 - prob, prob]).astype(np.float32))
