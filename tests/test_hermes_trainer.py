@@ -19,7 +19,6 @@ from nnharmony.trainers.hermes_trainer import (
     HermesConfig,
     HermesResEncTrainer,
     HermesTrainer,
-    central_patch,
 )
 
 torch.set_num_threads(1)
@@ -260,13 +259,6 @@ def test_infer_member_rule(monkeypatch):
     with pytest.raises(ValueError, match="no member .* has that many channels"):
         HermesTrainer.infer_member(Pred(), ["c_0000.nii.gz", "c_0001.nii.gz", "c_0002.nii.gz"])
 
-
-def test_central_patch():
-    x = torch.arange(2 * 5 * 8, dtype=torch.float32).reshape(2, 5, 8)
-    p = central_patch(x, (4, 4))
-    assert p.shape == (2, 4, 4) and torch.equal(p, x[:, 0:4, 2:6])
-    p = central_patch(x, (7, 4))
-    assert p.shape == (2, 7, 4) and torch.equal(p[:, 1:6], x[:, :, 2:6]) and p[:, 0].abs().sum() == 0
 
 
 # ----------------------------------------------------------------------------------------------------------

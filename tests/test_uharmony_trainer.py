@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
+from nnharmony.inference.auto_member import central_patch
 import torch
 from torch import nn
 
@@ -23,7 +25,6 @@ from nnharmony.trainers.uharmony_trainer import (
     UHarmonyOracleTrainer,
     UHarmonyResEncTrainer,
     UHarmonyTrainer,
-    central_patch,
 )
 
 torch.set_num_threads(1)
@@ -315,11 +316,6 @@ def test_infer_member_rule(monkeypatch):
     with pytest.raises(ValueError, match="no member .* has that many channels"):
         UHarmonyTrainer.infer_member(FakePredictor(), ["c_0000.nii.gz", "c_0001.nii.gz", "c_0002.nii.gz"])
 
-
-def test_central_patch():
-    x = torch.arange(2 * 5 * 9 * 4, dtype=torch.float32).reshape(2, 5, 9, 4)
-    p = central_patch(x, (3, 3, 6))
-    assert p.shape == (2, 3, 3, 6) and torch.equal(p[:, :, :, 1:5], x[:, 1:4, 3:6]) and p[..., 0].abs().sum() == 0
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -38,6 +38,8 @@ class Preset:
     validation_mirroring: bool = True
     #: method -> trainer class replacing the method's own (e.g. nnU-Net's Adam variant)
     trainers: dict[str, str] = field(default_factory=dict)
+    #: seed of every method's run (None: unseeded)
+    seed: int | None = None
 
 
 #: ``nnharmony_benchmark --quick``: the newcomer's first run, aimed at trained models within 10 minutes on an idle
@@ -96,6 +98,17 @@ class BenchmarkOptions:
     validation_mirroring: bool = True
     #: keep the trained models' checkpoints
     keep_checkpoints: bool = True
+    #: seed of every method's run (network initialization, augmentation, member sampling); None: unseeded, as
+    #: nnU-Net. With augmentation in the training process (``nnUNet_n_proc_DA=0``) a seeded CPU run repeats.
+    seed: int | None = None
+    #: the per-dataset paradigm's share of an EPOCHSxITERATIONS budget: "total" (its N models together get the
+    #: budget, each ``iterations / N`` per epoch: equal total compute with one collection model) or "each" (every
+    #: model gets the whole budget: equal iterations per model, N times the compute). A minutes budget is always
+    #: split.
+    per_dataset_budget: str = "total"
+    #: also predict every member's validation cases with ``--dataset auto`` (methods that support it; needs the
+    #: checkpoints): how often the inferred member is right, and the Dice with it
+    auto_member: bool = False
     quiet: bool = False  # no progress line
 
     @classmethod
@@ -106,7 +119,8 @@ class BenchmarkOptions:
                    trainer_options={k: dict(v) for k, v in preset.trainer_options.items()},
                    nsd_tolerance_mm=preset.nsd_tolerance_mm, num_processes=preset.num_processes,
                    plans_variant=preset.plans_variant, cpu_threads=preset.cpu_threads, trainers=dict(preset.trainers),
-                   validation_mirroring=preset.validation_mirroring, keep_checkpoints=False)
+                   validation_mirroring=preset.validation_mirroring, keep_checkpoints=False,
+                   seed=preset.seed)
         for k, v in overrides.items():
             setattr(opts, k, v)
         return opts
@@ -126,6 +140,8 @@ class BenchmarkOptions:
         if not self.methods:
             raise ValueError("--methods: give at least one method")
         Budget.parse(self.budget)
+        if self.per_dataset_budget not in ("total", "each"):
+            raise ValueError(f"--per-dataset-budget must be 'total' or 'each', not {self.per_dataset_budget!r}")
         if self.num_gpus < 1:
             raise ValueError("--num_gpus must be at least 1")
         if self.fold != "all":

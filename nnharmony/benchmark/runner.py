@@ -3,6 +3,7 @@ report. Everything runs in this process through the Python APIs: one start-up, o
 training process when ``nnUNet_n_proc_DA=0``; each method's output goes to ``logs/<method>.log``."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import resource
@@ -12,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+from nnharmony.benchmark.auto_member import supports_auto
 from nnharmony.benchmark.budget import Budget
 from nnharmony.benchmark.collection import collection_name, ensure_collection, output_to
 from nnharmony.benchmark.files import label_tasks, prediction_folders
@@ -123,8 +125,14 @@ def run_method(method: Method, ctx: dict[str, Any], progress: Progress, say: Cal
     notes = []
     if method.paradigm == "per-dataset":
         notes.append(f"{len(spec.members)} models, one per member, each on its own nnU-Net plans")
-        notes.append(f"{budget} split evenly among them" if budget.minutes is not None
-                     else "the budget applies to each member's model")
+        if budget.minutes is not None:
+            notes.append(f"{budget} split evenly among them")
+        elif opts.per_dataset_budget == "total":
+            notes.append(f"the budget split among them: {budget.epochs} epochs x "
+                         f"{max(1, round(budget.iterations / len(spec.members)))} iterations each (equal total compute)")
+        else:
+            notes.append("the whole budget for each member's model (equal iterations per model, "
+                         f"{len(spec.members)}x the compute)")
     if method.paradigm == "in-context":
         notes.append(incontext.describe(opts, spec))
     t["note"] = "; ".join(notes)
@@ -142,6 +150,7 @@ def run_method(method: Method, ctx: dict[str, Any], progress: Progress, say: Cal
         if run.trainer_class != method.trainer:
             t["trainer"] = f"{run.trainer_class} ({method.trainer} + wall-clock stop)"
         info["models"] = run.models
+        run_trainer_class = run.trainer_class
         folders = prediction_folders(method, spec, ctx["models_dir"], report_dir, opts.fold, configuration,
                                      run.trainer_class, ctx["member_plans"], ctx["joint_plans"])
         info["predictions"] = {k: str(v) for k, v in folders.items()}
@@ -161,6 +170,13 @@ def run_method(method: Method, ctx: dict[str, Any], progress: Progress, say: Cal
         with output_to(log_file):
             per_case = evaluate_method(method, spec, folders, report_dir, opts.nsd_tolerance_mm, opts.num_processes)
         t["eval_s"] = time.perf_counter() - t2
+        if opts.auto_member and opts.keep_checkpoints and supports_auto(method):
+            progress.start(method.name, "dataset auto")
+            t3 = time.perf_counter()
+            with output_to(log_file):
+                info["auto_member"] = _auto_member(method, ctx, configuration, run_trainer_class)
+            t["note"] = (t["note"] + "; " if t["note"] else "") + \
+                f"--dataset auto: predicted and scored in {time.perf_counter() - t3:.0f} s"
     except Exception as e:  # noqa: BLE001 - report the method as failed, keep the others
         import traceback
 
@@ -176,6 +192,24 @@ def run_method(method: Method, ctx: dict[str, Any], progress: Progress, say: Cal
         t.update(total_s=time.perf_counter() - t0, cpu_s=cpu_seconds() - cpu0, peak_rss_mb=own_peak_rss_mb(),
                  peak_cuda_mb=_peak_cuda_mb())
     return t, info, per_case
+
+
+def _auto_member(method: Method, ctx: dict[str, Any], configuration: str, trainer_class: str) -> dict[str, Any]:
+    """``--dataset auto`` on every member's validation cases: inferred member per case, and the per-case scores of
+    the predictions made with it (``method (auto)``)."""
+    from nnharmony.benchmark.auto_member import AUTO_SUFFIX, predict_auto
+    from nnharmony.benchmark.scoring import evaluate_method
+
+    opts, spec, report_dir = ctx["opts"], ctx["spec"], ctx["report_dir"]
+    model = ctx["models_dir"] / spec.name / f"{trainer_class}__{ctx['joint_plans']}__{configuration}"
+    folder = report_dir / "predictions_auto" / method.name
+    inferred = predict_auto(method, spec, model, opts.fold, [list(ctx["folds"][i][1]) for i in range(len(spec.members))], folder,
+                            opts.device, opts.validation_mirroring)
+    scored = dataclasses.replace(method, name=method.name + AUTO_SUFFIX)
+    folders = {m.dataset_name: folder / m.dataset_name for m in spec.members}
+    per_case = evaluate_method(scored, spec, folders, report_dir, opts.nsd_tolerance_mm, opts.num_processes,
+                               skip_missing=True)
+    return {"members": inferred, "per_case": per_case}
 
 
 def _progress_hook(progress: Progress, method: Method, members: int) -> Callable[[Any], None]:
@@ -214,6 +248,14 @@ def _sorted_rows(rows: list[dict], spec, methods: list[Method]) -> list[dict]:
                 [m.name for m in methods].index(r["method"]))
 
     return sorted(rows, key=key)
+
+
+def _sorted_auto_rows(auto_rows: list[dict], rows: list[dict]) -> list[dict]:
+    """The ``--dataset auto`` rows next to the same method's rows with the true member, in the table's order."""
+    from nnharmony.benchmark.auto_member import AUTO_SUFFIX
+
+    methods = {r["method"][: -len(AUTO_SUFFIX)] for r in auto_rows}
+    return [r for r in rows if r["method"] in methods] + auto_rows
 
 
 def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = None) -> dict:
@@ -282,6 +324,7 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
                          "configuration": opts.configuration, "plans": joint_plans, "num_gpus": opts.num_gpus,
                          "nsd_tolerance_mm": opts.nsd_tolerance_mm, "support_size": opts.support_size,
                          "ensemble": opts.ensemble, "trainer_options": opts.trainer_options,
+                         "seed": opts.seed, "per_dataset_budget": opts.per_dataset_budget,
                          "cpu_count": os.cpu_count(), "python": sys.version.split()[0], **_versions()},
             "started": started,
             "collection": {"name": collection, "members": members},
@@ -294,6 +337,12 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
             "figures": {},
             "report_folder": str(report_dir),
         }
+        auto = {name: info.pop("auto_member") for name, info in method_info.items() if "auto_member" in info}
+        if auto:
+            bench["auto_member"] = {name: a["members"] for name, a in auto.items()}
+            bench["auto_rows"] = _sorted_auto_rows(aggregate([r for a in auto.values() for r in a["per_case"]]),
+                                                   bench["rows"])
+            bench["auto_per_case"] = [r for a in auto.values() for r in a["per_case"]]
         bench["figures"] = make_figures(bench, spec, report_dir, opts.num_overlays)
         bench["shared_timings"]["report_s"] = time.perf_counter() - t_report
         bench["finished"] = datetime.now().isoformat(timespec="seconds")
@@ -325,6 +374,8 @@ def printed_summary(bench: dict) -> str:
              f"(mean ± std over validation cases):\n", R.results_table(bench["rows"], "dice", methods, status)]
     if bench.get("conclusion"):
         lines += ["What the numbers say (computed from them):", *bench["conclusion"], ""]
+    if bench.get("auto_member"):
+        lines += ["Dataset-free prediction (--dataset auto):", *R.auto_member_lines(bench), ""]
     lines.append(R.timing_table(bench["timings"], bench.get("shared_timings")))
     skipped = [f"  {t['method']}: {t['status']}: {t['note']}" for t in bench["timings"] if t["status"] != "ok"]
     if skipped:

@@ -69,14 +69,17 @@ def evaluate_prediction_folder(ref_folder: Path, pred_folder: Path, labels: dict
 
 
 def evaluate_method(method, spec, folders: dict[str, Path], report_dir: Path, nsd_tolerance_mm: float | None,
-                    num_processes: int = 1) -> list[dict]:
+                    num_processes: int = 1, skip_missing: bool = False) -> list[dict]:
     """Per-case scores of one method on every member (``{"member", "method", "case", "label", "dice", "nsd"}``);
-    the in-context method's folders hold one sub-folder per label. Raises when nothing was predicted."""
+    the in-context method's folders hold one sub-folder per label. Raises when nothing was predicted.
+    ``skip_missing``: a member whose prediction folder does not exist (no validation cases) is left out."""
     from nnharmony.benchmark.files import label_tasks, safe_name
     from nnharmony.paths import preprocessed_dir
 
     per_case = []
     for m in spec.members:
+        if skip_missing and not folders[m.dataset_name].is_dir():
+            continue
         ref = preprocessed_dir() / m.dataset_name / "gt_segmentations"
         ev_dir = report_dir / "evaluation" / method.name / m.dataset_name
         if method.paradigm == "in-context":

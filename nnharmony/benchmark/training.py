@@ -97,6 +97,8 @@ def training_options(method: Method, collection: str, opts: BenchmarkOptions, bu
     from nnharmony.trainers.run import TrainingOptions
 
     tr_opts = dict(opts.trainer_options.get(method.name, {}))
+    if opts.seed is not None and method.paradigm != "per-dataset":  # nnharmony's member/episode sampler
+        tr_opts.setdefault("sampling_seed", int(opts.seed))
     if budget.minutes is not None and not budget.fitted and method.paradigm != "per-dataset":
         tr_opts.setdefault("wall_clock_budget_minutes", budget.minutes)
     return TrainingOptions(
@@ -104,6 +106,24 @@ def training_options(method: Method, collection: str, opts: BenchmarkOptions, bu
         plans=plans, device=opts.device, num_gpus=opts.num_gpus if method.paradigm != "per-dataset" else 1,
         epochs=budget.epochs, iterations_per_epoch=budget.iterations, val_iterations_per_epoch=budget.val_iterations,
         disable_checkpointing=not opts.keep_checkpoints, trainer_options=tr_opts)
+
+
+def per_dataset_share(t, budget: Budget, num_models: int, share: str):
+    """The options of each of the per-dataset paradigm's ``num_models`` models: with ``share`` "total" an
+    EPOCHSxITERATIONS budget is split (same epochs, ``iterations / num_models`` per epoch, at least 1), so that the
+    models together cost what one collection model costs; "each" gives every model the whole budget."""
+    import dataclasses
+
+    if share == "each" or budget.iterations is None or budget.minutes is not None:
+        return t
+    return dataclasses.replace(t, iterations_per_epoch=max(1, round(budget.iterations / num_models)))
+
+
+def _seed(opts: BenchmarkOptions) -> None:
+    if opts.seed is not None:
+        from nnharmony.utils.seeding import seed_everything
+
+        seed_everything(opts.seed)
 
 
 def command_line(t) -> str:
@@ -243,6 +263,7 @@ def train_method(method: Method, collection: str, opts: BenchmarkOptions, budget
         if device.type == "cpu" and opts.cpu_threads:
             torch.set_num_threads(opts.cpu_threads)
         if method.paradigm != "per-dataset":
+            _seed(opts)
             trainer = build_trainer(t, device)
             run.setup_s = time.perf_counter() - t0
             _train_one(trainer, t, budget, seconds, defer_plot, run, method.name, validate, on_trainer,
@@ -258,7 +279,9 @@ def train_method(method: Method, collection: str, opts: BenchmarkOptions, budget
             cls = find_trainer_class(method.trainer)
         run.trainer_class = cls.__name__
         per_member = None if seconds is None else seconds / len(spec.members)
+        t = per_dataset_share(t, budget, len(spec.members), opts.per_dataset_budget)
         for m in spec.members:
+            _seed(opts)
             t0 = time.perf_counter()
             member_plans = load_json(preprocessed_dir() / m.dataset_name / f"{ident}.json")
             member_plans["continue_training"] = False

@@ -78,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-cfg", "--configuration", default=None,
                    help="train every method on this configuration (e.g. 2d) instead of its own (3d_fullres; "
                         "universeg 2d); --quick: 2d")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed every method's run (initialization, augmentation, member sampling); with "
+                        "nnUNet_n_proc_DA=0 a CPU run repeats exactly (default: unseeded, as nnU-Net; --quick: "
+                        f"{QUICK.seed})")
+    p.add_argument("--per-dataset-budget", choices=["total", "each"], default="total",
+                   help="the per-dataset models' share of an EPOCHSxITERATIONS budget: 'total' = split among the "
+                        "N member models (equal total compute with one collection model), 'each' = every member "
+                        "model gets the whole budget (equal iterations per model, N times the compute); a minutes "
+                        "budget is always split (default: total)")
+    p.add_argument("--dataset-auto", action="store_true",
+                   help="also predict every member's validation cases with --dataset auto (uharmony, hermes; needs "
+                        "the checkpoints): how often the inferred member is right, and the Dice with it")
     ck = p.add_mutually_exclusive_group()
     ck.add_argument("--keep-checkpoints", dest="checkpoints", action="store_const", const=True, default=None,
                     help="write the models' checkpoints under REPORT/models (default, except with --quick)")
@@ -154,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         fold=args.fold, device=device, num_gpus=args.num_gpus, output_folder=args.output,
         nsd_tolerance_mm=args.nsd_tolerance if args.nsd_tolerance and args.nsd_tolerance > 0 else None,
         num_overlays=args.overlays, ensemble=args.ensemble, trainer_options=trainer_options,
-        quiet=args.no_progress)
+        quiet=args.no_progress, per_dataset_budget=args.per_dataset_budget, auto_member=args.dataset_auto)
+    if args.seed is not None:
+        common["seed"] = args.seed
     for key, value in (("num_processes", args.num_processes), ("configuration", args.configuration)):
         if value is not None:
             common[key] = value
@@ -162,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         common["support_size"] = args.support_size
     if args.checkpoints is not None:
         common["keep_checkpoints"] = args.checkpoints
+    if args.dataset_auto:
+        if args.checkpoints is False:
+            raise ValueError("--dataset-auto predicts with the saved checkpoints: drop --no-checkpoints")
+        common["keep_checkpoints"] = True
     if args.quick:
         # augmentation in the training process: on a small CPU, worker processes only compete with the network
         os.environ.setdefault("nnUNet_n_proc_DA", "0")

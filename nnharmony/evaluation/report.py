@@ -389,6 +389,22 @@ def plot_overlay(image: np.ndarray, reference: np.ndarray, predictions: Mapping[
 
 
 # ---------------------------------------------------------------------------------------------- the report
+def auto_member_lines(bench: Mapping) -> list[str]:
+    """How often each method inferred the right member, and its Dice with the true member next to the Dice with the
+    member it inferred (the same validation cases)."""
+    out = []
+    for method, members in bench.get("auto_member", {}).items():
+        right = sum(v["correct"] for v in members.values())
+        total = sum(v["cases"] for v in members.values())
+        out.append(f"- **{method}**: inferred member right on {right}/{total} validation cases ("
+                   + "; ".join(f"{name} {v['correct']}/{v['cases']}" for name, v in members.items()) + ")")
+    rows = bench.get("auto_rows", [])
+    if rows:
+        out += ["", "Dice with the true member (column `METHOD`) and with the inferred one (`METHOD (auto)`):", "",
+                results_table(rows, "dice")]
+    return out
+
+
 def markdown_report(bench: Mapping[str, Any]) -> str:
     """``results.md``: settings, the Dice (and NSD) tables, the computed conclusion, the time split, notes and the
     figures."""
@@ -407,6 +423,8 @@ def markdown_report(bench: Mapping[str, Any]) -> str:
     if bench.get("conclusion"):
         out += ["## What the numbers say", "", "Computed from the per-case Dice above (a case's score is its Dice "
                 "averaged over the member's labels).", "", *bench["conclusion"], ""]
+    if bench.get("auto_member"):
+        out += ["## Dataset-free prediction (`--dataset auto`)", "", *auto_member_lines(bench), ""]
     if any(_is_num(r.get("nsd_mean")) for r in rows):
         out += [f"## NSD at {s.get('nsd_tolerance_mm')} mm (mean ± std over validation cases)", "",
                 results_table(rows, "nsd", methods, status)]

@@ -8,6 +8,8 @@ import json
 from typing import Callable, Hashable, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 
 def member_hypotheses(predictor, image_files: Sequence[str],
@@ -43,3 +45,23 @@ def choose_member(spec, scores: dict[int, float], group: Callable[[int], Hashabl
     best = max(scores, key=scores.get)  # first on ties
     tied = [i for i in scores if group(i) == group(best)]
     return max(tied, key=lambda i: (spec.members[i].num_training, -i))
+
+
+def central_patch(data: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
+    """(C, *shape) -> (C, *patch_size): the central crop, zero-padded symmetrically where the image is smaller
+    than the patch (nnU-Net's sliding window pads with zeros too). A 3D case seen by a 2D model (one more spatial
+    axis than the patch) gives its central slice along the first axis, the axis nnU-Net's 2D models slice."""
+    data = torch.as_tensor(data)
+    if data.ndim - 1 == len(patch_size) + 1:
+        data = data[:, data.shape[1] // 2]
+    if data.ndim - 1 != len(patch_size):
+        raise ValueError(f"data {tuple(data.shape)} does not match patch {list(patch_size)}")
+    slices, pads = [slice(None)], []
+    for s, p in zip(data.shape[1:], patch_size):
+        start = max(0, (s - p) // 2)
+        slices.append(slice(start, start + min(s, p)))
+        missing = max(0, p - s)
+        pads.append((missing // 2, missing - missing // 2))
+    crop = data[tuple(slices)]
+    flat = [v for pair in reversed(pads) for v in pair]
+    return F.pad(crop, flat) if any(flat) else crop.clone()

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from nnharmony.data.collection import CollectionSpec
+from nnharmony.inference.auto_member import central_patch
 from nnharmony.networks.hermes import (
     HermesUNet,
     ModalityClassifier,
@@ -848,19 +849,3 @@ def _widen_shared_stem(old_state: dict, new_state: dict, net: nn.Module) -> dict
     return out
 
 
-def central_patch(data: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
-    """(C, *shape) -> (C, *patch_size): the central crop, zero-padded (symmetrically) where the image is
-    smaller than the patch."""
-    data = torch.as_tensor(data)
-    spatial = data.shape[1:]
-    if len(spatial) != len(patch_size):
-        raise ValueError(f"data {tuple(data.shape)} does not match patch {list(patch_size)}")
-    slices, pads = [slice(None)], []
-    for s, p in zip(spatial, patch_size):
-        start = max(0, (s - p) // 2)
-        slices.append(slice(start, start + min(s, p)))
-        missing = max(0, p - s)
-        pads.append((missing // 2, missing - missing // 2))
-    crop = data[tuple(slices)]
-    flat = [v for pair in reversed(pads) for v in pair]
-    return torch.nn.functional.pad(crop, flat) if any(flat) else crop.clone()

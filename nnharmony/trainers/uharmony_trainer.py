@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnharmony.data.collection import CollectionSpec
+from nnharmony.inference.auto_member import central_patch
 from nnharmony.networks.uharmony import (
     GATE_MODES,
     GATE_SOURCES,
@@ -248,21 +249,6 @@ def _unwrap(network: nn.Module) -> nn.Module:
     return getattr(net, "_orig_mod", net)
 
 
-def central_patch(data: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
-    """(C, *shape) -> (C, *patch_size): the central crop, zero-padded symmetrically where the image is smaller
-    than the patch (nnU-Net's sliding window pads with zeros too)."""
-    data = torch.as_tensor(data)
-    if data.ndim - 1 != len(patch_size):
-        raise ValueError(f"data {tuple(data.shape)} does not match patch {list(patch_size)}")
-    slices, pads = [slice(None)], []
-    for s, p in zip(data.shape[1:], patch_size):
-        start = max(0, (s - p) // 2)
-        slices.append(slice(start, start + min(s, p)))
-        missing = max(0, p - s)
-        pads.append((missing // 2, missing - missing // 2))
-    crop = data[tuple(slices)]
-    flat = [v for pair in reversed(pads) for v in pair]
-    return F.pad(crop, flat) if any(flat) else crop.clone()
 
 
 def gate_parameters(network: nn.Module) -> list[nn.Parameter]:
