@@ -115,7 +115,10 @@ def test_budget_parsing():
     fitted = BU.Budget.parse("8x1.5min")
     assert fitted == BU.Budget(epochs=8, minutes=1.5) and fitted.fitted and not BU.Budget.parse("10min").fitted
     assert str(fitted) == "8 epochs in 1.5 min per method" and fitted.val_iterations == BU.FITTED_VAL_ITERATIONS
-    for bad in ("5", "0x5", "x", "10 hours", "0x1min"):
+    cpu = BU.Budget.parse("8x1.5cpumin")
+    assert cpu == BU.Budget(epochs=8, minutes=1.5, clock="cpu") and cpu.fitted
+    assert str(cpu) == "8 epochs in 1.5 CPU min per method"
+    for bad in ("5", "0x5", "x", "10 hours", "0x1min", "8x1cpu"):
         with pytest.raises(ValueError, match="--budget"):
             BU.Budget.parse(bad)
 
@@ -152,6 +155,26 @@ def test_epochs_in_minutes_fits_iterations_to_the_time_left(monkeypatch):
     # takes up what the rounding left
     assert fit.iterations == [5, 62, 62, 63]
     assert clock[0] == pytest.approx(100.0)
+
+
+def test_epochs_in_cpu_minutes_count_this_process_cpu_time(monkeypatch):
+    """With the CPU clock, wall time that other processes take does not count: the same iterations as on an idle
+    machine."""
+    wall, cpu = [0.0], [0.0]
+    monkeypatch.setattr(BU.time, "perf_counter", lambda: wall[0])
+    monkeypatch.setattr(BU.time, "process_time", lambda: cpu[0])
+    tr = _FakeTrainer(epochs=4)
+    fit = BU.EpochsInMinutes(tr, seconds=100.0, first_iterations=5, clock="cpu")
+    for _ in range(4):  # each step: 0.5 s of this process's CPU, 1.5 s of wall time on a busy machine
+        tr.on_train_epoch_start()
+        cpu[0] += 0.5 * tr.num_iterations_per_epoch
+        wall[0] += 1.5 * tr.num_iterations_per_epoch
+        tr.on_train_epoch_end([])
+        cpu[0] += 1.0
+        wall[0] += 3.0
+        tr.on_epoch_end()
+    assert fit.iterations == [5, 62, 62, 63]
+    assert cpu[0] == pytest.approx(100.0) and wall[0] == pytest.approx(300.0)
 
 
 def test_log_parsing_and_metric_lookup():

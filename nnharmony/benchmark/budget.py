@@ -8,7 +8,11 @@ Three forms (``Budget.parse``):
 * ``EPOCHSxNmin`` (``8x1.5min``): ``EPOCHS`` epochs that together take ``N`` minutes: after every epoch the
   iterations per epoch are fitted to the time left (:class:`EpochsInMinutes`), so the poly learning-rate schedule
   runs to its end on any machine. The quick preset uses it: a short run only converges when the learning rate
-  decays, and the run's length no longer depends on the machine's speed.
+  decays, and the run's length no longer depends on the machine's speed;
+* ``EPOCHSxNcpumin`` (``8x1.5cpumin``): the same with the time counted in CPU seconds of the training process
+  (``time.process_time``) instead of wall-clock seconds. The quick preset uses it: on a machine shared with other
+  jobs a method gets the compute it was promised, not the wall time, so its iterations (and its Dice) do not
+  depend on what else runs; on an idle machine with one thread and augmentation in this process the two agree.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ class Budget:
     epochs: int | None = None
     iterations: int | None = None
     minutes: float | None = None
+    clock: str = "wall"  # "wall" or "cpu" (fitted budgets: the time counted in CPU seconds of this process)
 
     @classmethod
     def parse(cls, text: str) -> "Budget":
@@ -39,12 +44,12 @@ class Budget:
             if e < 1 or i < 1:
                 raise ValueError(f"--budget {text!r}: epochs and iterations must be at least 1")
             return cls(epochs=e, iterations=i)
-        m = re.fullmatch(r"(\d+)x(\d+(?:\.\d+)?)(?:min|m)", t)
+        m = re.fullmatch(r"(\d+)x(\d+(?:\.\d+)?)(cpu)?(?:min|m)", t)
         if m:
             e, minutes = int(m.group(1)), float(m.group(2))
             if e < 1 or minutes <= 0:
                 raise ValueError(f"--budget {text!r}: epochs and minutes must be positive")
-            return cls(epochs=e, minutes=minutes)
+            return cls(epochs=e, minutes=minutes, clock="cpu" if m.group(3) else "wall")
         m = re.fullmatch(r"(\d+(?:\.\d+)?)(?:min|m)(?:x(\d+))?", t)
         if m:
             minutes = float(m.group(1))
@@ -52,7 +57,8 @@ class Budget:
                 raise ValueError(f"--budget {text!r}: the number of minutes must be positive")
             return cls(minutes=minutes, iterations=int(m.group(2)) if m.group(2) else None)
         raise ValueError(f"--budget {text!r}: expected EPOCHSxITERATIONS (e.g. 5x50), MINUTESmin (e.g. 10min), "
-                         f"MINUTESminxITERATIONS (e.g. 10minx50) or EPOCHSxMINUTESmin (e.g. 8x1.5min)")
+                         f"MINUTESminxITERATIONS (e.g. 10minx50), EPOCHSxMINUTESmin (e.g. 8x1.5min) or "
+                         f"EPOCHSxMINUTEScpumin (e.g. 8x1.5cpumin: CPU time)")
 
     @property
     def fitted(self) -> bool:
@@ -67,7 +73,7 @@ class Budget:
 
     def __str__(self) -> str:
         if self.fitted:
-            return f"{self.epochs} epochs in {self.minutes:g} min per method"
+            return f"{self.epochs} epochs in {self.minutes:g} {'CPU ' if self.clock == 'cpu' else ''}min per method"
         if self.minutes is not None:
             m = f"{self.minutes:g} min per method"
             return m + (f", {self.iterations} iterations/epoch" if self.iterations else "")
@@ -82,8 +88,9 @@ class EpochsInMinutes:
     ``num_iterations_per_epoch`` anew every epoch, so nothing of the loop is copied. ``iterations`` records what
     every epoch ran."""
 
-    def __init__(self, trainer, seconds: float, first_iterations: int = FIRST_EPOCH_ITERATIONS):
+    def __init__(self, trainer, seconds: float, first_iterations: int = FIRST_EPOCH_ITERATIONS, clock: str = "wall"):
         self.trainer, self.seconds = trainer, float(seconds)
+        self._clock = "process_time" if clock == "cpu" else "perf_counter"
         self.iterations: list[int] = []
         self._start: float | None = None
         self._epoch_start = self._train_end = 0.0
@@ -91,13 +98,13 @@ class EpochsInMinutes:
         start, end, epoch_end = trainer.on_train_epoch_start, trainer.on_train_epoch_end, trainer.on_epoch_end
 
         def on_train_epoch_start():
-            self._epoch_start = time.perf_counter()
+            self._epoch_start = self._now()
             if self._start is None:
                 self._start = self._epoch_start
             start()
 
         def on_train_epoch_end(outputs):
-            self._train_end = time.perf_counter()
+            self._train_end = self._now()
             end(outputs)
 
         def on_epoch_end():
@@ -107,11 +114,14 @@ class EpochsInMinutes:
         trainer.on_train_epoch_start, trainer.on_train_epoch_end = on_train_epoch_start, on_train_epoch_end
         trainer.on_epoch_end = on_epoch_end
 
+    def _now(self) -> float:
+        return getattr(time, self._clock)()
+
     def _fit(self) -> None:
         t = self.trainer
         done = t.num_iterations_per_epoch
         self.iterations.append(done)
-        now = time.perf_counter()
+        now = self._now()
         left_epochs = t.num_epochs - t.current_epoch  # on_epoch_end has counted the epoch
         if left_epochs <= 0:
             return
@@ -120,5 +130,6 @@ class EpochsInMinutes:
         per_epoch = (self.seconds - (now - self._start)) / left_epochs
         t.num_iterations_per_epoch = max(1, int((per_epoch - overhead) / max(step, 1e-6)))
         if hasattr(t, "print_to_log_file"):
-            t.print_to_log_file(f"time budget: {done} iterations took {step:.3f} s each (+{overhead:.2f} s per "
+            t.print_to_log_file(f"time budget ({'CPU' if self._clock == 'process_time' else 'wall'} clock): {done} "
+                                f"iterations took {step:.3f} s each (+{overhead:.2f} s per "
                                 f"epoch); next epoch: {t.num_iterations_per_epoch} iterations")

@@ -202,7 +202,7 @@ def _train_one(trainer, t, budget: Budget, seconds: float | None, defer_plot: bo
     _apply_options(trainer, t)
     if seconds is not None and hasattr(trainer, "wall_clock_budget_minutes") and not budget.fitted:
         trainer.wall_clock_budget_minutes = seconds / 60
-    fitter = EpochsInMinutes(trainer, seconds) if budget.fitted else None
+    fitter = EpochsInMinutes(trainer, seconds, clock=budget.clock) if budget.fitted else None
     plot = trainer.logger.plot_progress_png
     if defer_plot:  # nnU-Net redraws progress.png every epoch (seconds on a CPU); draw it once at the end
         trainer.logger.plot_progress_png = lambda folder: None

@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help=f"the newcomer's preset: built-in synthetic collection {QUICK.collection} ({quick_members}; "
                         f"field of view {'x'.join(map(str, QUICK.shape))} mm), every method on the {QUICK.configuration} "
-                        f"configuration with budget {QUICK.budget} (training takes that long per method on any "
-                        f"machine; planning, validation and prediction come on top), everything in this process. "
+                        f"configuration with budget {QUICK.budget} (each method trains for that much CPU time of this "
+                        f"process, on any machine; planning, validation and prediction come on top), seed "
+                        f"{QUICK.seed}, everything in this process. "
                         f"Uses $nnUNet_raw/_preprocessed/_results if set, else ./{QUICK_WORKDIR}/")
     p.add_argument("-c", "--collection", default=None,
                    help="a planned collection (nnharmony_plan_and_preprocess -n NAME); default: the built-in "
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the same for every method: EPOCHSxITERATIONS (e.g. 5x50) or wall clock per method "
                         "MINUTESmin (e.g. 10min; MINUTESminxITERATIONS sets iterations per epoch too) or "
                         "EPOCHSxMINUTESmin (e.g. 8x1.5min: that many epochs in that time, the iterations per epoch "
-                        f"fitted to it). Default: nnU-Net's 1000x250, with --quick {QUICK.budget}")
+                        "fitted to it) or EPOCHSxMINUTEScpumin (the same in CPU time of this process). "
+                        f"Default: nnU-Net's 1000x250, with --quick {QUICK.budget}")
     p.add_argument("-f", "--fold", default="0", help="fold (0-4, the members' nnU-Net folds) or 'all' (default 0)")
     p.add_argument("--device", "-device", default=None, choices=["cpu", "cuda", "mps"],
                    help="default: cuda if available, else cpu")
