@@ -312,3 +312,34 @@ def test_tiny_quick_report(synthetic_collection, tmp_path, capsys, monkeypatch):
     # models went to the report's own results folder, without checkpoints
     model = out / "models" / synthetic_collection["name"] / "nnHarmonyTrainer__nnHarmonyPlans_quick__2d"
     assert (model / "fold_0" / "validation").is_dir() and not list(model.rglob("*.pth"))
+
+
+def test_per_dataset_models_share_an_iterations_budget():
+    from nnharmony.benchmark.training import per_dataset_share
+    from nnharmony.trainers.run import TrainingOptions
+
+    t = TrainingOptions(collection="C", configuration="2d", fold=0, epochs=6, iterations_per_epoch=100)
+    assert per_dataset_share(t, BU.Budget.parse("6x100"), 7, "total").iterations_per_epoch == 14  # equal compute
+    assert per_dataset_share(t, BU.Budget.parse("6x100"), 7, "each").iterations_per_epoch == 100
+    assert per_dataset_share(t, BU.Budget.parse("6x2"), 7, "total").iterations_per_epoch == 1  # at least one
+    assert per_dataset_share(t, BU.Budget.parse("8x1.5min"), 7, "total") is t  # minutes: split by time
+
+
+def test_plans_variant_caps_the_patch_and_drops_stages_below_4_voxels():
+    from nnharmony.benchmark.plans_variant import PlansVariant
+
+    arch = {"n_stages": 7, "features_per_stage": [32, 64, 128, 256, 512, 512, 512],
+            "kernel_sizes": [[3, 3]] * 7, "strides": [[1, 1]] + [[2, 2]] * 6, "n_conv_per_stage": [2] * 7,
+            "n_conv_per_stage_decoder": [2] * 6, "conv_op": "torch.nn.modules.conv.Conv2d"}
+    plans = {"plans_name": "P", "configurations": {"2d": {"patch_size": [192, 256], "batch_size": 46,
+                                                           "architecture": {"arch_kwargs": arch}}}}
+    out = PlansVariant("cpu", base_features=16, max_batch_size=8, max_patch_size=128).apply(plans, ["2d"])
+    cfg = out["configurations"]["2d"]
+    kw = cfg["architecture"]["arch_kwargs"]
+    assert out["plans_name"] == "P_cpu" and cfg["batch_size"] == 8 and cfg["patch_size"] == [128, 128]
+    assert kw["n_stages"] == 6 and kw["features_per_stage"] == [16, 32, 64, 128, 256, 512]  # 128 / 2^5 = 4
+    assert len(kw["strides"]) == len(kw["kernel_sizes"]) == len(kw["n_conv_per_stage"]) == 6
+    assert len(kw["n_conv_per_stage_decoder"]) == 5
+    assert plans["configurations"]["2d"]["patch_size"] == [192, 256] and arch["n_stages"] == 7  # input unchanged
+    small = PlansVariant("q", 16, 8).apply(plans, ["2d"])["configurations"]["2d"]
+    assert small["patch_size"] == [192, 256] and small["architecture"]["arch_kwargs"]["n_stages"] == 7

@@ -1,0 +1,175 @@
+"""The real-data benchmark on R2 (seven 2D PNG datasets, five imaging modalities): every paradigm on fold 0 with one
+budget, per seed, then a table over the seeds. Not a test.
+
+    python benchmarks/real_data/r2_benchmark.py WORKDIR                      # import, plan, seeds 0 and 1
+    python benchmarks/real_data/r2_benchmark.py WORKDIR --seeds 0 --budget 6x100 --equal-iterations
+    python benchmarks/real_data/r2_benchmark.py WORKDIR --summarize          # the table of the runs in WORKDIR
+
+WORKDIR holds nnUNet_raw/_preprocessed/_results and ``reports/``; the shared datasets are imported
+(``import_all.py --only r2``) and planned (``R2_2d.collection.json``, ``2d``) when missing. Each seed is one
+``run_benchmark`` (the Python API of ``nnharmony_benchmark``) into ``reports/seed<N>/``, skipped when its
+``benchmark.json`` exists, so an interrupted series resumes. Methods: per-dataset nnU-Net, naive joint,
+separate-heads oracle, U-Harmony, Hermes; U-Harmony and Hermes also predict with ``--dataset auto``.
+
+Compute: the budget is EPOCHSxITERATIONS for every collection model; the seven per-dataset models share it
+(equal total compute, ``per_dataset_budget="total"``). ``--equal-iterations`` adds one run in which every
+per-dataset model gets the whole budget (seven times the compute), the comparison at equal iterations per model.
+
+CPU settings, each for the CPU's sake and the same for every method: the plans variant ``cpu`` (first stage 16
+features instead of 32, batch at most 8, patch at most 128x128 with the stages below 4 pixels dropped; nnU-Net
+plans 256x256 batch 46 for the joint model), AdamW at lr 1e-3 (nnU-Net's own ``nnUNetTrainerAdam1en3`` for the
+per-dataset models: SGD with momentum 0.99 needs more iterations than a CPU budget gives), validation without
+test-time mirroring, one PyTorch thread per process (``--threads``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+COLLECTION = "Collection930_R2"
+METHODS = ["nnunet", "joint", "separate_heads", "uharmony", "hermes"]
+COLLECTION_METHODS = ["joint", "separate_heads", "uharmony", "hermes"]
+
+
+def set_folders(workdir: Path) -> None:
+    for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (workdir / v).mkdir(parents=True, exist_ok=True)
+        os.environ[v] = str(workdir / v)
+    os.environ.setdefault("nnUNet_n_proc_DA", "0")  # augmentation in the training process: seeded runs repeat
+
+
+def prepare(workdir: Path) -> None:
+    """Import and plan R2 unless done (the commands a user types, see collections.md)."""
+    raw, pre = Path(os.environ["nnUNet_raw"]), Path(os.environ["nnUNet_preprocessed"])
+    if not all((raw / f"Dataset{i}_{n}").is_dir() for i, n in ((931, "BTCVSlices"), (937, "ISBI2012EM"))):
+        subprocess.run([sys.executable, str(HERE / "import_all.py"), "--only", "r2"], check=True)
+    if not (pre / COLLECTION / "nnHarmonyPlans.json").is_file():
+        subprocess.run(["nnharmony_plan_and_preprocess", "-n", COLLECTION, "--spec",
+                        str(HERE / "R2_2d.collection.json"), "-c", "2d", "-np", "1"], check=True)
+
+
+def options(args, seed: int, methods: list[str], share: str, output: Path):
+    from nnharmony.benchmark import BenchmarkOptions
+    from nnharmony.benchmark.plans_variant import PlansVariant
+
+    return BenchmarkOptions(
+        methods=methods, budget=args.budget, collection=COLLECTION, fold=0, device="cpu", output_folder=str(output),
+        configuration="2d", plans_variant=PlansVariant("cpu", base_features=16, max_batch_size=8, max_patch_size=128),
+        trainers={"nnunet": "nnUNetTrainerAdam1en3"},
+        trainer_options={m: {"optimizer_name": "adamw"} for m in COLLECTION_METHODS},
+        seed=seed, per_dataset_budget=share, auto_member=True, keep_checkpoints=True, validation_mirroring=False,
+        num_processes=1, cpu_threads=args.threads, num_overlays=7, quiet=True)
+
+
+def run(args, name: str, seed: int, methods: list[str], share: str) -> None:
+    from nnharmony.benchmark import printed_summary, run_benchmark
+
+    out = args.workdir / "reports" / name
+    if (out / "benchmark.json").is_file():
+        print(f"{name}: done before ({out}/benchmark.json)", flush=True)
+        return
+    t0 = time.perf_counter()
+    print(f"{name}: {', '.join(methods)}, budget {args.budget}, seed {seed}, per-dataset share {share} -> {out}",
+          flush=True)
+    bench = run_benchmark(options(args, seed, methods, share, out))
+    print(printed_summary(bench), flush=True)
+    print(f"{name}: {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+
+
+def member_means(bench: dict) -> dict[tuple[str, str], float]:
+    """(member, method) -> mean Dice over the member's labels (each label's mean over the validation cases)."""
+    acc: dict[tuple[str, str], list[float]] = {}
+    for r in bench["rows"] + bench.get("auto_rows", []):
+        if r.get("dice_mean") is not None:
+            acc.setdefault((r["member"], r["method"]), []).append(float(r["dice_mean"]))
+    return {k: statistics.fmean(v) for k, v in acc.items()}
+
+
+def fmt(values: list[float]) -> str:
+    if not values:
+        return "–"
+    m = statistics.fmean(values)
+    return f"{m:.3f}" if len(values) == 1 else f"{m:.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def summarize(workdir: Path) -> str:
+    runs = {p.parent.name: json.loads(p.read_text()) for p in sorted((workdir / "reports").glob("*/benchmark.json"))}
+    seeds = {k: v for k, v in runs.items() if k.startswith("seed")}
+    if not seeds:
+        return f"no finished run in {workdir}/reports"
+    equal_it = runs.get("equal_iterations")
+    first = next(iter(seeds.values()))
+    members = [m["name"] for m in first["collection"]["members"]]
+    methods = list(dict.fromkeys(t["method"] for b in seeds.values() for t in b["timings"]))
+    autos = list(dict.fromkeys(r["method"] for b in seeds.values() for r in b.get("auto_rows", [])
+                               if r["method"].endswith("(auto)")))
+    cols = methods + (["nnunet, equal iterations"] if equal_it else []) + autos
+    per = {c: {m: [] for m in members} for c in cols}
+    for b in seeds.values():
+        means = member_means(b)
+        for (member, method), v in means.items():
+            if method in per:
+                per[method][member].append(v)
+    if equal_it:
+        for (member, method), v in member_means(equal_it).items():
+            per["nnunet, equal iterations"][member].append(v)
+    s = first["settings"]
+    lines = [f"R2 ({COLLECTION}), fold 0, budget {s['budget']} per collection model (per-dataset models: "
+             f"{s.get('per_dataset_budget')}), plans {s['plans']}, seeds {', '.join(k[4:] for k in seeds)}: mean Dice "
+             f"over each member's labels; with two or more seeds the mean (min-max) over them", "",
+             "| member | train / val | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
+    for i, member in enumerate(members):
+        info = first["collection"]["members"][i]
+        lines.append(f"| {member} | {info['training_cases']} / {len(info['validation_cases'])} | "
+                     + " | ".join(fmt(per[c][member]) for c in cols) + " |")
+    overall = {c: [statistics.fmean(v[k] for v in [per[c]] for k in members if per[c][k]) ] if any(per[c].values())
+               else [] for c in cols}
+    lines.append("| **mean over members** | | " + " | ".join(f"**{fmt(overall[c])}**" for c in cols) + " |")
+    lines += ["", "| run | method | iterations | training | validation | total | CPU time | peak RAM |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, b in runs.items():
+        for t in b["timings"]:
+            lines.append(f"| {name} | {t['method']} | {t['iterations']} | {t['train_s'] or 0:.0f} s | "
+                         f"{t['validation_s'] or 0:.0f} s | {t['total_s'] or 0:.0f} s | {t['cpu_s'] or 0:.0f} s | "
+                         f"{(t['peak_rss_mb'] or 0) / 1024:.2f} GB |")
+        lines.append(f"| {name} | **all** | | | | **{b['total_s'] / 60:.1f} min** | | |")
+    for name, b in seeds.items():
+        for method, members_ in b.get("auto_member", {}).items():
+            right = sum(v["correct"] for v in members_.values())
+            total = sum(v["cases"] for v in members_.values())
+            lines.append(f"\n{name}, {method} --dataset auto: inferred member right on {right}/{total} validation "
+                         "cases (" + "; ".join(f"{k} {v['correct']}/{v['cases']}" for k, v in members_.items()) + ")")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("workdir", type=Path, help="folder for nnUNet_raw/_preprocessed/_results and reports/")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one run per seed (default 0 1)")
+    p.add_argument("--budget", default="6x100", help="EPOCHSxITERATIONS per collection model (default 6x100)")
+    p.add_argument("--equal-iterations", action="store_true",
+                   help="also train the per-dataset models with the whole budget each (seed of the first run)")
+    p.add_argument("--threads", type=int, default=1, help="PyTorch threads (default 1)")
+    p.add_argument("--summarize", action="store_true", help="only print the table of the finished runs")
+    args = p.parse_args(argv)
+    args.workdir = args.workdir.resolve()
+    if not args.summarize:
+        set_folders(args.workdir)
+        prepare(args.workdir)
+        for seed in args.seeds:
+            run(args, f"seed{seed}", seed, METHODS, "total")
+        if args.equal_iterations:
+            run(args, "equal_iterations", args.seeds[0], ["nnunet"], "each")
+    print(summarize(args.workdir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
