@@ -152,7 +152,8 @@ def summarize(workdir: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("workdir", type=Path, help="folder for nnUNet_raw/_preprocessed/_results and reports/")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one run per seed (default 0 1)")
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1],
+                   help="one run per seed (default 0 1; none: only --equal-iterations, with seed 0)")
     p.add_argument("--budget", default="6x100", help="EPOCHSxITERATIONS per collection model (default 6x100)")
     p.add_argument("--equal-iterations", action="store_true",
                    help="also train the per-dataset models with the whole budget each (seed of the first run)")
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             run(args, f"seed{seed}", seed, METHODS, "total")
         if args.equal_iterations:
-            run(args, "equal_iterations", args.seeds[0], ["nnunet"], "each")
+            run(args, "equal_iterations", args.seeds[0] if args.seeds else 0, ["nnunet"], "each")
     print(summarize(args.workdir))
     return 0
 
