@@ -275,7 +275,7 @@ def test_tiny_quick_report(synthetic_collection, tmp_path, capsys, monkeypatch):
     bench = json.loads((out / "benchmark.json").read_text())
     assert {"settings", "started", "finished", "total_s", "collection", "methods", "timings", "shared_timings",
             "rows", "per_case", "conclusion", "figures", "report_folder"} <= set(bench)
-    assert bench["settings"]["budget"] == "2 epochs in 0.05 min per method"
+    assert bench["settings"]["budget"] == "2 epochs in 0.05 min per method" and bench["settings"]["seed"] == 0
     timings = {t["method"]: t for t in bench["timings"]}
     assert list(timings) == methods + ["bogus"]
     for m in methods:
@@ -312,6 +312,30 @@ def test_tiny_quick_report(synthetic_collection, tmp_path, capsys, monkeypatch):
     # models went to the report's own results folder, without checkpoints
     model = out / "models" / synthetic_collection["name"] / "nnHarmonyTrainer__nnHarmonyPlans_quick__2d"
     assert (model / "fold_0" / "validation").is_dir() and not list(model.rglob("*.pth"))
+
+
+def test_tiny_dataset_auto_report(synthetic_collection, tmp_path, capsys, monkeypatch):
+    """--dataset-auto: U-Harmony predicts every member's validation cases without being told the member (a 2d model
+    on volumes: this failed before with 'data ... does not match patch'); the report counts the right guesses
+    and scores the predictions made with them."""
+    from nnharmony.cli import benchmark as cli
+
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    out = tmp_path / "report"
+    rc = cli.main(["--quick", "--collection", synthetic_collection["name"], "--methods", "uharmony",
+                   "--budget", "1x2", "--device", "cpu", "-o", str(out), "--overlays", "0", "--no-progress",
+                   "--dataset-auto"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    bench = json.loads((out / "benchmark.json").read_text())
+    members = {m["name"]: len(m["validation_cases"]) for m in bench["collection"]["members"]}
+    auto = bench["auto_member"]["uharmony"]
+    assert {k: v["cases"] for k, v in auto.items()} == members
+    for name, v in auto.items():
+        assert 0 <= v["correct"] <= v["cases"] and set(v["inferred"].values()) <= set(members)
+        assert (out / "predictions_auto" / "uharmony" / name / "predicted_datasets.json").is_file()
+    assert {r["method"] for r in bench["auto_rows"]} == {"uharmony", "uharmony (auto)"}
+    assert "inferred member right on" in printed and "uharmony (auto)" in (out / "results.md").read_text()
 
 
 def test_per_dataset_models_share_an_iterations_budget():
