@@ -203,6 +203,12 @@ def test_validation_counts_global_tasks():
     tgt = batch["target"][0]
     pos = [tgt[0, 0].sum(), tgt[0, 1].sum(), tgt[0, 2].sum(), tgt[1, 3].sum()]
     assert np.allclose(res["tp_hard"] + res["fn_hard"], [float(p) for p in pos])
+    # per member (K, T), as the base trainer logs them: sample 0 is member 0 (tasks 0-2), sample 1 member 1
+    for key in ("tp", "fp", "fn"):
+        per_member = res[f"{key}_member"]
+        assert per_member.shape == (len(SPEC.members), 4)
+        assert np.allclose(per_member.sum(0), res[f"{key}_hard"])
+        assert per_member[0, 3] == 0 and not per_member[1, :3].any() and not per_member[2].any()
 
 
 def test_unknown_modality_dropout_only_in_training():
@@ -409,6 +415,15 @@ def test_hermes_end_to_end(hermes_model, synthetic_collection, tmp_path):
     for m in spec.members:
         summary = json.loads((fold / "validation" / m.dataset_name / "summary.json").read_text())
         assert len(summary["mean"]) == len(m.tasks)
+    # the epoch log and progress_members.json/png name members and tasks, as the base trainer's do
+    log = "\n".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    assert "np.float" not in log and "Pseudo dice " + spec.tasks[0] + " " in log
+    history = json.loads((fold / "progress_members.json").read_text())
+    assert len(history) == 1 and history[0]
+    for name, per_task in history[0].items():
+        assert f"  {name}: " in log
+        assert set(per_task) == {spec.tasks[t] for t in spec.task_ids(spec.member(name).dataset_id)}
+    assert (fold / "progress_members.png").is_file()
 
     # known member: its task list and modality from the collection; geometry and label values of the member
     m0 = spec.members[0]

@@ -196,6 +196,29 @@ def test_support_bad_inputs(tmp_path):
     err("not a label name of the dataset.json", sup.resolve_label, "liver", ex, d)
 
 
+def test_validation_counts_per_task_and_member():
+    """Episodes' pseudo Dice counts go to their global task, pooled and per member (the query's member), as the
+    base trainer logs them; synthetic episodes are not counted."""
+    from nnharmony.trainers.universeg_trainer import SoftDiceBCELoss, UniverSegTrainer
+
+    spec = toy_spec(3)  # tasks liver, spleen, kidney, lesion; members 0: liver+spleen, 1: spleen+kidney, 2: ...
+    t = UniverSegTrainer.__new__(UniverSegTrainer)
+    t.spec, t.device, t.loss = spec, torch.device("cpu"), SoftDiceBCELoss()
+    logits = torch.full((4, 1, 4, 4), -10.0)
+    logits[:, :, :2] = 10.0  # predicts the upper half (8 pixels)
+    t.network = lambda q, sx, sy: logits
+    label = torch.zeros((4, 1, 4, 4))
+    label[:, :, 1:3] = 1.0  # 8 pixels, 4 of them predicted: tp 4, fp 4, fn 4
+    batch = {"query_image": torch.zeros((4, 1, 4, 4)), "query_label": label,
+             "support_images": torch.zeros((4, 2, 1, 4, 4)), "support_labels": torch.zeros((4, 2, 1, 4, 4)),
+             "task_id": torch.tensor([0, 1, 1, -1]), "member_index": torch.tensor([0, 0, 1, -1])}
+    res = t.validation_step(batch)
+    assert res["tp_hard"].tolist() == [4, 8, 0, 0] and res["fn_hard"].tolist() == [4, 8, 0, 0]
+    assert res["tp_member"].shape == (3, 4)
+    assert res["tp_member"].tolist() == [[4, 4, 0, 0], [0, 4, 0, 0], [0, 0, 0, 0]]
+    assert res["fp_member"].tolist() == res["tp_member"].tolist()
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def universeg_model(synthetic_collection):
@@ -243,6 +266,17 @@ def test_training_outputs(universeg_model, synthetic_collection):
         assert set(m["tasks"]) == {t.label for t in member.tasks}
     plans = json.loads((universeg_model / "plans.json").read_text())
     assert plans["nnharmony"]["universeg"]["encoder_blocks"] == [8, 8, 8]
+    # the epoch log and progress_members.json/png name members and tasks, as the base trainer's do
+    spec = synthetic_collection["spec"]
+    log = "\n".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    assert "np.float" not in log and "Pseudo dice " + spec.tasks[0] + " " in log
+    assert "episodes, member_sampling" in log and "Dataset902_SynthMRI: 0 / 0 cases, p = 0.000" in log
+    history = json.loads((fold / "progress_members.json").read_text())
+    assert len(history) == 1 and history[0] and "Dataset902_SynthMRI" not in history[0]
+    for name, per_task in history[0].items():
+        assert f"  {name}: " in log
+        assert set(per_task) == {spec.tasks[t] for t in spec.task_ids(spec.member(name).dataset_id)}
+    assert (fold / "progress_members.png").is_file()
 
 
 @pytest.mark.parametrize("layout", ["raw", "flat"])

@@ -565,8 +565,8 @@ class HermesTrainer(nnHarmonyTrainer):
         return loss
 
     def validation_step(self, batch: dict) -> dict:
-        """Pseudo Dice counts over the T *global* tasks (the per-sample task layout scattered back), so the
-        base class's logging works unchanged."""
+        """Pseudo Dice counts over the T *global* tasks (the per-sample task layout scattered back), pooled and
+        per member, so the base class's logging (per task and per member) works unchanged."""
         data, target = self._to_device(batch)
         with self._autocast():
             output = self.network_forward(data, batch)
@@ -579,14 +579,16 @@ class HermesTrainer(nnHarmonyTrainer):
         axes = list(range(2, output.ndim))
         tp_l, fp_l, fn_l = (pred * tgt).sum(axes), (pred * (1 - tgt)).sum(axes), ((1 - pred) * tgt).sum(axes)
         valid = task_ids >= 0
-        idx = task_ids[valid]
-        T = self.spec.num_tasks
+        slots = task_ids.clamp(min=0)
 
-        def scatter(v):
-            return torch.zeros(T, dtype=v.dtype, device=v.device).index_add_(0, idx, v[valid])
+        def scatter(v):  # (B, width) in each sample's task layout -> (B, T) global tasks; padding adds nothing
+            return torch.zeros((v.shape[0], self.spec.num_tasks), dtype=v.dtype, device=v.device).scatter_add_(
+                1, slots, v * valid)
 
-        return {"loss": loss.detach().cpu().numpy(), "tp_hard": scatter(tp_l).cpu().numpy(),
-                "fp_hard": scatter(fp_l).cpu().numpy(), "fn_hard": scatter(fn_l).cpu().numpy()}
+        tp, fp, fn = scatter(tp_l), scatter(fp_l), scatter(fn_l)
+        return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp.sum(0).cpu().numpy(),
+                "fp_hard": fp.sum(0).cpu().numpy(), "fn_hard": fn.sum(0).cpu().numpy(),
+                **self.member_counts(batch, tp, fp, fn)}
 
     # ------------------------------------------------------------------ inference
     @classmethod

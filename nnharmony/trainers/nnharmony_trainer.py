@@ -262,10 +262,12 @@ class nnHarmonyTrainer(nnUNetTrainer):
                 **self.member_counts(batch, tp, fp, fn)}
 
     # ------------------------------------------------------------------ logging per member and task
-    def member_counts(self, batch: dict, tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> dict:
+    def member_counts(self, batch: dict, tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor,
+                      member_index: torch.Tensor | None = None) -> dict:
         """Per-sample (B, T) pseudo Dice counts summed per member into (K, T): a ``validation_step`` that adds
-        these to its output gets per-member pseudo Dice in the log and in ``progress_members.png``."""
-        ids = batch["dataset_id"].to(tp.device).long().reshape(-1)
+        these to its output gets per-member pseudo Dice in the log and in ``progress_members.png``.
+        ``member_index``: each row's index in ``spec.members`` (default: the batch's ``dataset_id``)."""
+        ids = (batch["dataset_id"] if member_index is None else member_index).to(tp.device).long().reshape(-1)
         k = len(self.spec.members)
 
         def by_member(v: torch.Tensor) -> np.ndarray:

@@ -74,23 +74,61 @@ def time_left(epoch_durations: Sequence[float], epochs_done: int, num_epochs: in
 
 
 def describe_members(spec: CollectionSpec, fold, train_loader, val_loader) -> list[str]:
-    """One line per member: training and validation cases of the fold and the sampling probability."""
+    """One line per member: training and validation cases of the fold and the sampling probability (of a
+    mixed-dataset loader, or of a UniverSeg episode loader: the member's share of the episodes)."""
     tr, va = _mixed(train_loader), _mixed(val_loader)
+    p_tr = _member_probabilities(spec, tr)
+    held = set(getattr(tr, "holdout", ()) or ())
     lines = [f"members (fold {fold}): training / validation cases, probability of being sampled "
-             f"(scheme {spec.sampling.get('scheme', 'sqrt')})"]
+             f"(scheme {_scheme(spec, tr)})"]
     for k, m in enumerate(spec.members):
-        n_tr = len(tr.members[k].identifiers) if tr is not None and tr.members[k] is not None else 0
-        n_va = len(va.members[k].identifiers) if va is not None and va.members[k] is not None else 0
-        p = float(tr.probabilities[k]) if tr is not None else float("nan")
+        n_tr, n_va = _cases(tr, k), _cases(va, k)
+        p = float(p_tr[k]) if p_tr is not None else float("nan")
         lines.append(f"  {m.dataset_name}: {n_tr} / {n_va} cases, p = {p:.3f}, tasks "
-                     f"{', '.join(spec.tasks[t] for t in spec.task_ids(m.dataset_id))}")
+                     f"{', '.join(spec.tasks[t] for t in spec.task_ids(m.dataset_id))}"
+                     f"{' (held out)' if k in held else ''}")
     return lines
 
 
+def _member_data(loader) -> list | None:
+    return getattr(loader, "members", None) if hasattr(loader, "probabilities") else \
+        getattr(loader, "query_members", None)
+
+
+def _cases(loader, k: int) -> int:
+    members = _member_data(loader) if loader is not None else None
+    return len(members[k].identifiers) if members is not None and members[k] is not None else 0
+
+
+def _scheme(spec: CollectionSpec, loader) -> str:
+    config = getattr(loader, "config", None)
+    if hasattr(config, "member_sampling"):  # UniverSeg episodes
+        return f"episodes, member_sampling {config.member_sampling}"
+    return spec.sampling.get("scheme", "sqrt")
+
+
+def _member_probabilities(spec: CollectionSpec, loader) -> np.ndarray | None:
+    """Probability that a sample (or an episode) comes from each member."""
+    if loader is None:
+        return None
+    if hasattr(loader, "probabilities"):
+        return np.asarray(loader.probabilities, dtype=float)
+    sampler = getattr(loader, "sampler", None)
+    if sampler is None:  # an episode loader draws its sampler in the worker; the same one from its settings
+        from nnharmony.data.episodes import EpisodeSampler
+
+        sampler = EpisodeSampler(spec, loader.holdout_ids, loader.config.member_sampling, loader.available,
+                                 loader.counts)
+    p = np.zeros(len(spec.members))
+    for task, q in zip(sampler.tasks, sampler.task_probabilities):
+        p[task.member_index] += q
+    return p
+
+
 def _mixed(loader):
-    """The mixed-dataset loader inside nnU-Net's augmenter wrappers (None if there is none)."""
+    """The mixed-dataset (or episode) loader inside nnU-Net's augmenter wrappers (None if there is none)."""
     for _ in range(3):
-        if hasattr(loader, "probabilities") and hasattr(loader, "members"):
+        if (hasattr(loader, "probabilities") and hasattr(loader, "members")) or hasattr(loader, "query_members"):
             return loader
         loader = getattr(loader, "data_loader", None) or getattr(loader, "generator", None)
         if loader is None:

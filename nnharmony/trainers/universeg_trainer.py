@@ -388,20 +388,22 @@ class UniverSegTrainer(nnHarmonyTrainer):
 
     def validation_step(self, batch: dict) -> dict:
         """Loss and hard tp/fp/fn of every episode, summed into its global task's entry (length
-        ``spec.num_tasks``; synthetic episodes are not counted)."""
+        ``spec.num_tasks``), pooled and per member (the query's member), so the base class logs both;
+        synthetic episodes are not counted."""
         q, sx, sy, qy = self._episode_to_device(batch)
         with self._autocast():
             logits = self.network(q, sx, sy)
             loss = self.compute_loss(logits, qy, batch)
         pred = (torch.sigmoid(logits.float()) > 0.5).float().flatten(1)
         tgt = qy.float().flatten(1)
-        per = torch.stack([(pred * tgt).sum(1), (pred * (1 - tgt)).sum(1), ((1 - pred) * tgt).sum(1)], 1).cpu()
-        counts = np.zeros((3, self.spec.num_tasks), dtype=np.float64)
-        for b, t in enumerate(batch["task_id"].tolist()):
-            if t >= 0:
-                counts[:, t] += per[b].numpy()
-        return {"loss": loss.detach().cpu().numpy(), "tp_hard": counts[0], "fp_hard": counts[1],
-                "fn_hard": counts[2]}
+        per = torch.stack([(pred * tgt).sum(1), (pred * (1 - tgt)).sum(1), ((1 - pred) * tgt).sum(1)]).cpu().double()
+        task, member = batch["task_id"].long().cpu(), batch["member_index"].long().cpu()
+        real = (task >= 0) & (member >= 0)
+        counts = torch.zeros((3, int(real.sum()), self.spec.num_tasks), dtype=torch.float64)  # (3, B', T)
+        counts[:, torch.arange(int(real.sum())), task[real]] = per[:, real]
+        pooled = counts.sum(1).numpy()
+        return {"loss": loss.detach().cpu().numpy(), "tp_hard": pooled[0], "fp_hard": pooled[1],
+                "fn_hard": pooled[2], **self.member_counts(batch, *counts, member_index=member[real])}
 
     # ------------------------------------------------------------------ final validation
     def perform_actual_validation(self, save_probabilities: bool = False):
