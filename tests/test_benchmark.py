@@ -249,8 +249,8 @@ def test_tiny_quick_report(synthetic_collection, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(METHODS, "bogus", Method("bogus", "NoSuchTrainerAnywhere", "2d", "collection", "x"))
     out = tmp_path / "report"
     methods = list(DEFAULT_METHODS)
-    rc = cli.main(["--quick", "--collection", synthetic_collection["name"], "--methods", *methods, "bogus",
-                   "--budget", "2x0.05min", "--device", "cpu", "-o", str(out), "--overlays", "3", "--no-progress",
+    rc = cli.main(["--quick", "-d", synthetic_collection["name"], "--methods", *methods, "bogus",
+                   "--budget", "2x0.05min", "-device", "cpu", "-o", str(out), "--overlays", "3", "--no-progress",
                    "-S", "2", "--trainer-options",
                    'universeg={"image_size": 32, "episode_batch_size": 2, "encoder_blocks": [8, 8, 8]}'])
     printed = capsys.readouterr().out
@@ -322,11 +322,14 @@ def test_tiny_dataset_auto_report(synthetic_collection, tmp_path, capsys, monkey
 
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     out = tmp_path / "report"
+    # the previous release's spellings (--collection, --device) still work, with a warning
     rc = cli.main(["--quick", "--collection", synthetic_collection["name"], "--methods", "uharmony",
                    "--budget", "1x2", "--device", "cpu", "-o", str(out), "--overlays", "0", "--no-progress",
                    "--dataset-auto"])
-    printed = capsys.readouterr().out
+    printed, err = capsys.readouterr()
     assert rc == 0, printed
+    assert "warning: --collection is deprecated" in err and "use -d COLLECTION" in err
+    assert "warning: --device is deprecated" in err and "use -device" in err
     bench = json.loads((out / "benchmark.json").read_text())
     members = {m["name"]: len(m["validation_cases"]) for m in bench["collection"]["members"]}
     auto = bench["auto_member"]["uharmony"]

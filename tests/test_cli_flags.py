@@ -44,6 +44,57 @@ def test_old_spellings_keep_working_with_a_warning(capsys):
         assert f"warning: {old} is deprecated" in err and f"use {new}" in err
 
 
+@pytest.mark.parametrize("module, argv", [("convert", ["msd", "-i", "x", "--dataset", "4"]),
+                                          ("convert", ["check", "-d", "4", "--headers"]),
+                                          ("make_synthetic", ["--first", "950"]),
+                                          ("benchmark", ["--qu"]), ("benchmark", ["--method", "joint"])])
+def test_no_abbreviations_in_other_commands(module, argv, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"nnharmony.cli.{module}").build_parser().parse_args(argv)
+
+
+def test_benchmark_flags_as_in_nnunet_and_old_spellings(tmp_path, monkeypatch, capsys):
+    """nnharmony_benchmark: -d collection (name or id), -c configuration, --members for new collections; the
+    previous release's -c/--collection, -cfg/--configuration, -d ID ID ..., --fold, --device and --num-processes
+    keep working with a one-line warning each."""
+    from nnharmony.cli import benchmark as bench_cli
+
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / var).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / var))
+    (tmp_path / "nnUNet_preprocessed" / "Collection900_Synth").mkdir()
+    (tmp_path / "nnUNet_preprocessed" / "Collection900_Synth" / "collection.json").write_text("{}")
+    (tmp_path / "nnUNet_raw" / "Dataset004_A").mkdir()
+
+    def resolved(*argv):
+        capsys.readouterr()
+        args = bench_cli.build_parser().parse_args(list(argv))
+        bench_cli.resolve_collection_flags(args)
+        warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning: ")]
+        return (args.collection, args.members, args.cfg, args.fold, args.device, args.num_processes), warnings
+
+    assert resolved("-d", "900", "-c", "2d", "-f", "1", "-device", "cpu", "-np", "1") == (
+        ("Collection900_Synth", None, "2d", "1", "cpu", 1), [])
+    assert resolved("-c", "2d") == ((None, None, "2d", "0", None, None), [])  # the built-in collection, on 2d
+    assert resolved("--members", "4", "17", "-d", "Collection004_Abd") == (
+        ("Collection004_Abd", ["4", "17"], None, "0", None, None), [])
+    got, warnings = resolved("-c", "Collection900_Synth", "-cfg", "2d")
+    assert got[:3] == ("Collection900_Synth", None, "2d") and len(warnings) == 2
+    assert "use -d Collection900_Synth -c CONFIGURATION" in warnings[1]
+    got, warnings = resolved("-d", "4", "17", "27", "-c", "Collection004_Abd")
+    assert got[:3] == ("Collection004_Abd", ["4", "17", "27"], None) and len(warnings) == 2
+    assert "use --members 4 17 27" in warnings[0]
+    assert resolved("-d", "4")[0][:2] == (None, ["4"])  # the id of a raw dataset, no collection 004
+    got, warnings = resolved("--collection", "Collection900_Synth", "--configuration", "2d", "--fold", "1",
+                             "--device", "cpu", "--num-processes", "1")
+    assert got == ("Collection900_Synth", None, "2d", "1", "cpu", 1) and len(warnings) == 5
+    assert resolved("--configuration", "2d")[0][:3] == (None, None, "2d")
+    with pytest.raises(ValueError, match="give the new collection's name"):
+        resolved("--members", "4", "-d", "5")
+
+
 def test_train_fold_and_val_best():
     args = train_cli.build_parser().parse_args(["900", "3d_fullres", "all", "--val_best"])
     assert args.fold == "all" and args.val_best
@@ -52,15 +103,52 @@ def test_train_fold_and_val_best():
         train_cli.build_parser().parse_args(["900", "2d", "three"])
 
 
-@pytest.mark.parametrize("parser", [predict_cli.build_parser, train_cli.build_parser])
-def test_every_flag_has_help_with_default(parser):
-    for action in parser()._actions:
-        if action.help == "==SUPPRESS==" or action.dest == "help":
-            continue
-        assert action.help, action.option_strings
+def _commands() -> dict[str, str]:
+    """Every nnharmony_* entry point of pyproject.toml: command -> module."""
+    import re
+
+    text = (REPO / "pyproject.toml").read_text()
+    section = text.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    return {name: target.split(":")[0] for name, target in re.findall(r'^(\w+)\s*=\s*"([\w.:]+)"', section, re.M)}
 
 
-@pytest.mark.parametrize("module", ["predict", "train", "adapt", "analyze_priors", "evaluate"])
+def _parsers(parser):
+    """A parser and its subcommands' parsers."""
+    import argparse
+
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+@pytest.mark.parametrize("command", sorted(_commands()))
+def test_every_flag_of_every_command_has_help_with_its_default(command):
+    """No abbreviated long options, and every flag has help text naming its default in -h (the formatter adds
+    it where the text does not; None, off switches and empty lists have none to show)."""
+    import argparse
+    import importlib
+
+    from nnharmony.cli.common import shows_a_default
+
+    assert len(_commands()) == 9
+    parser = importlib.import_module(_commands()[command]).build_parser()
+    assert parser.prog == command
+    for p in _parsers(parser):
+        assert p.allow_abbrev is False, p.prog
+        formatter = p._get_formatter()
+        for action in p._actions:
+            if action.help == argparse.SUPPRESS or isinstance(action, (argparse._HelpAction,
+                                                                       argparse._SubParsersAction)):
+                continue
+            assert action.help, (p.prog, action.option_strings or action.dest)
+            if action.option_strings and shows_a_default(action):
+                text = formatter._expand_help(action)
+                assert "default" in text, (p.prog, action.option_strings, text)
+
+
+@pytest.mark.parametrize("module", ["predict", "train", "adapt", "analyze_priors", "evaluate", "benchmark"])
 def test_help_examples_parse_as_printed(module):
     import importlib
     import shlex
@@ -68,7 +156,7 @@ def test_help_examples_parse_as_printed(module):
     from nnharmony.cli.common import parse_trainer_options
 
     parser = importlib.import_module(f"nnharmony.cli.{module}").build_parser()
-    examples = parser.epilog.splitlines()[1:]
+    examples = parser.epilog.split("\n\n")[0].splitlines()[1:]  # the examples block, before any further text
     assert examples
     for line in examples:
         argv = shlex.split(line, comments=True)

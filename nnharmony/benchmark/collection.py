@@ -81,7 +81,7 @@ def ensure_collection(opts: BenchmarkOptions, configurations: Sequence[str], log
         ids = [m.dataset_id for m in spec.members]
     elif not ids:
         raise ValueError(f"collection {name} is not planned ({spec_file} is missing): give its member datasets with "
-                         f"-d, or plan it with nnharmony_plan_and_preprocess -d ... -n {name}")
+                         f"--members, or plan it with nnharmony_plan_and_preprocess -d ... -n {name}")
     from nnharmony.planners.plan_and_preprocess import plan_and_preprocess_collection
 
     log(f"planning collection {name} ({', '.join(configurations)}) from datasets {ids}"
@@ -121,7 +121,7 @@ def make_synthetic(opts: BenchmarkOptions, log: Callable[[str], None] = print,
         raise ValueError(
             f"{e}. The benchmark's synthetic collection needs its own datasets {first}-{first + n - 1} ({what}, "
             f"field of view {shape} mm): give other nnU-Net folders with --workdir DIR, or benchmark your collection "
-            f"with --collection NAME") from None
+            f"with -d COLLECTION") from None
     return [int(Path(f).name[7:10]) for f in folders]
 
 

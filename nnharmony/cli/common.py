@@ -56,17 +56,34 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        if "default" in text or not action.option_strings or not shows_a_default(action):
             return text
         return text + " (default: %(default)s)"
 
 
-def make_parser(prog: str, description: str, examples: Sequence[str] = ()) -> argparse.ArgumentParser:
+def shows_a_default(action: argparse.Action) -> bool:
+    """Whether ``-h`` should name the action's default: not for None, off switches, suppressed or empty lists
+    (``0`` is a default: ``0 in (None, False)`` is true in Python, so the test is by identity)."""
+    default = action.default
+    return not (default is None or default is False or default is argparse.SUPPRESS or default == []
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction)))
+
+
+def make_parser(prog: str, description: str, examples: Sequence[str] = (), epilog: str | None = None,
+                **kwargs) -> argparse.ArgumentParser:
     """An argument parser as every nnharmony command has it: no abbreviated long options (``-d`` must never
-    be read as ``-device``), defaults in ``-h``, and examples that run as printed."""
-    epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples) if examples else None
-    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, formatter_class=HelpFormatter,
-                                   allow_abbrev=False)
+    be read as ``-device``), defaults in ``-h``, and examples that run as printed (``epilog``: text after
+    them). Subcommands' parsers: :func:`add_subcommand`."""
+    text = "examples:\n" + "\n".join(f"  {e}" for e in examples) if examples else None
+    if epilog:
+        text = f"{text}\n\n{epilog}" if text else epilog
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=text, formatter_class=HelpFormatter,
+                                   allow_abbrev=False, **kwargs)
+
+
+def add_subcommand(subparsers, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand's parser with the same rules as :func:`make_parser` (argparse does not pass them on)."""
+    return subparsers.add_parser(name, formatter_class=HelpFormatter, allow_abbrev=False, **kwargs)
 
 
 class _DeprecatedAlias(argparse.Action):
@@ -102,10 +119,10 @@ def add_collection_flags(parser: argparse.ArgumentParser, collection_help: str, 
 
 
 def apply_old_collection_flags(args: argparse.Namespace, collection_exists: Callable[[str], object],
-                               default_configuration: str | None = None) -> None:
+                               default_configuration: str | None = None, required: bool = True) -> None:
     """Before this release ``-c`` was the collection and ``-cfg`` the configuration: ``-c NAME [-cfg CONFIG]``
     without ``-d`` keeps working for one release, with a warning. ``collection_exists`` raises for a value that
-    names no collection (then ``-c`` is a configuration and the missing ``-d`` is refused)."""
+    names no collection (then ``-c`` is a configuration and, if ``required``, the missing ``-d`` is refused)."""
     old_cfg = getattr(args, "old_cfg", None)
     if args.collection is None and args.cfg not in (None, default_configuration) or (
             args.collection is None and old_cfg is not None):
@@ -121,7 +138,7 @@ def apply_old_collection_flags(args: argparse.Namespace, collection_exists: Call
         if args.cfg not in (None, default_configuration):
             raise ValueError(f"-c {args.cfg} and -cfg {old_cfg} both give the configuration; give only -c")
         args.cfg = old_cfg
-    if args.collection is None:
+    if args.collection is None and required:
         raise ValueError("-d COLLECTION is required (the collection's name or id)")
 
 

@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from nnharmony.cli.common import HelpFormatter, add_subcommand
+
 EPILOG = """\
 examples:
   nnharmony_convert msd -i /downloads/Task04_Hippocampus -d 4
@@ -37,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nnharmony_convert",
         description="Convert datasets into nnU-Net raw format, checked and atomically written.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
+        allow_abbrev=False,
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="{msd,folder,nnunet,split-sites,check}")
 
@@ -53,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--overwrite", action="store_true", help="replace a dataset that already uses the id")
         sp.add_argument("-np", "--num-processes", type=int, default=None, help="reader processes for large datasets (default: up to 4)")
 
-    s = sub.add_parser(
-        "msd", help="Medical Segmentation Decathlon task folder (TaskXX_Name)",
+    s = add_subcommand(
+        sub, "msd", help="Medical Segmentation Decathlon task folder (TaskXX_Name)",
         description="Convert an MSD task folder: 4D multi-modal images are split into one file per channel, "
                     "labels checked and cast to integers, imagesTs converted too.",
         epilog="example: nnharmony_convert msd -i /downloads/Task04_Hippocampus -d 4",
@@ -65,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-test", action="store_true", help="do not convert imagesTs")
     common(s)
 
-    s = sub.add_parser(
-        "folder", help="plain images + labels in any format SimpleITK reads",
+    s = add_subcommand(
+        sub, "folder", help="plain images + labels in any format SimpleITK reads",
         description="Convert plain image and label files. Images and labels are either folders (paired by case "
                     "name: --image-pattern / --label-pattern, regexes with a (?P<case>...) group and an optional "
                     "(?P<channel>...) group holding a 4-digit index or a modality name) or lists of files (one "
@@ -79,7 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
                "        -m T2 --labels spinal_cord=2,3,4,5 --case-ids sub01\n"
                "  nnharmony_convert folder -i imgs -l segs -d 970 -n Prostate -m T2 ADC \\\n"
                "        --image-pattern '(?P<case>.+)_(?P<channel>T2|ADC)\\.nii\\.gz' --labels prostate=1",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s.add_argument("-i", "--images", nargs="+", required=True, help="image folder, or image files (one per case)")
     s.add_argument("-l", "--labels-from", nargs="+", required=True, dest="label_files",
@@ -93,17 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label names and their source values (several values merge into one label)")
     g.add_argument("--labels-json", type=Path, help="JSON file with label names -> source values")
     s.add_argument("--keep", choices=("present", "declared"), default="present",
-                   help="keep only declared labels that occur in the data (default) or all declared labels")
+                   help="keep only declared labels that occur in the data (present) or all declared labels (declared) "
+                        "(default: present)")
     s.add_argument("--undeclared", choices=("error", "background"), default="error",
-                   help="label values found but not declared: error (default) or set to background")
+                   help="label values found but not declared: error, or set to background (default: error)")
     s.add_argument("--image-pattern", default=DEFAULT_IMAGE_PATTERN, help="regex for image files in a folder")
     s.add_argument("--label-pattern", default=DEFAULT_LABEL_PATTERN, help="regex for label files in a folder")
     s.add_argument("--case-ids", nargs="+", default=None, help="case names for file lists (default: file names)")
     group_pattern(s)
     common(s)
 
-    s = sub.add_parser(
-        "nnunet", help="import an existing nnU-Net raw dataset under a new id",
+    s = add_subcommand(
+        sub, "nnunet", help="import an existing nnU-Net raw dataset under a new id",
         description="Copy (or link) an nnU-Net raw dataset under a new id: checks every case, casts label maps "
                     "to integers (after checking they are integral) and remaps non-consecutive label values.",
         epilog="example: nnharmony_convert nnunet -i /data/msd_hippocampus_mri -d 904 -n Hippocampus -m T1 --link hardlink",
@@ -119,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     group_pattern(s)
     common(s)
 
-    s = sub.add_parser(
-        "split-sites", help="split one dataset into one dataset per site/institution (CSV case,site)",
+    s = add_subcommand(
+        sub, "split-sites", help="split one dataset into one dataset per site/institution (CSV case,site)",
         description="Write one dataset per site (ids --first-id, --first-id+1, ... in sorted site order) with "
                     "that site's cases, linked or copied. The CSV has two columns case,site (header optional) or "
                     "named columns (--case-column, --site-column). All sites are written, or none.",
@@ -137,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how files are brought over (default: hardlink, copy across file systems)")
     common(s)
 
-    s = sub.add_parser(
-        "check", help="validate a raw dataset (dataset.json, files, geometry, label values, NaN/Inf)",
+    s = add_subcommand(
+        sub, "check", help="validate a raw dataset (dataset.json, files, geometry, label values, NaN/Inf)",
         epilog="example: nnharmony_convert check -d 904",
     )
     s.add_argument("-d", "--dataset", nargs="+", required=True, help="dataset ids, names or folders")

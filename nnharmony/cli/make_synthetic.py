@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from nnharmony.cli.common import HelpFormatter
+
 EPILOG = """\
 members (ids first-id, first-id+1, ...):
   Dataset901_SynthCT        CT, 1 mm isotropic, HU                   labels liver, spleen, kidney
@@ -31,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "ranges, spacings, channel counts and partly overlapping label sets) in nnU-Net raw format. "
                     "Deterministic in --seed; an existing member made with the same parameters is kept.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
+        allow_abbrev=False,
     )
     p.add_argument("-o", "--output", type=Path, default=None,
                    help="raw folder to write into (default: $nnUNet_raw)")

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from nnharmony.cli import preflight
-from nnharmony.cli.common import exit_on_user_error, parse_key_value_pairs
+from nnharmony.cli.common import HelpFormatter, exit_on_user_error, parse_key_value_pairs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,10 +14,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run nnU-Net's fingerprint extraction, planning and preprocessing for every member dataset, "
         "then write the collection spec and the joint plan to $nnUNet_preprocessed/NAME/.",
         allow_abbrev=False,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("-d", nargs="*", default=[], help="member dataset ids (or DatasetXXX_Name)")
     p.add_argument("-n", "--name", required=True, help="collection name, e.g. Collection900_Abdomen")
-    p.add_argument("-c", nargs="+", default=["3d_fullres"], help="configurations (3d_fullres, 2d)")
+    p.add_argument("-c", nargs="+", default=["3d_fullres"], help="configurations (3d_fullres, 2d) (default: 3d_fullres)")
     p.add_argument("-np", nargs="+", type=int, default=None,
                    help="processes for preprocessing, one value or one per configuration (default: 2d 4, 3d_fullres 2)")
     p.add_argument("-npfp", type=int, default=None,
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this collection extends COLLECTION (new members, modalities, tasks) so that models trained on "
                         "it can be adapted with nnharmony_adapt: ids and network configuration are kept")
     p.add_argument("--clean", action="store_true", help="redo every step and replace an existing collection")
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--verbose", action="store_true",
+                   help="nnU-Net's verbose planning output, and the traceback of an error instead of one line")
     return p
 
 
