@@ -68,6 +68,10 @@ def test_predict_folder_with_release_weights_no_collection(reference, tmp_path):
     assert pred.GetSize() == (64, 64) and np.allclose(pred.GetSpacing(), (0.7, 0.7))
     info = json.loads((out / "universeg_prediction.json").read_text())
     assert info["weights_file"] == str(WEIGHTS.resolve()) and info["network"] == sup.RELEASE_CONFIG
+    record = json.loads((out / "predict_args.json").read_text())  # every argument and the model file, as nnU-Net
+    assert record["model_files"] == [str(WEIGHTS.resolve())] and record["command"].startswith("nnharmony_predict -i")
+    assert record["arguments"]["pretrained_weights"] == str(WEIGHTS) and record["arguments"]["support_size"] == 5
+    assert record["support_cases"] == [f"s{s}" for s in range(5)] and record["label_values"] == [1]
 
     net, _ = sup.universeg_from_weights_file(WEIGHTS)
     size = (128, 128)

@@ -301,6 +301,12 @@ def test_predict_held_out_member_from_support_and_evaluate(universeg_model, synt
         assert probs.shape == (2, *sitk.GetArrayFromImage(img).shape)
     info = json.loads((out / "universeg_prediction.json").read_text())
     assert info["ensemble"] == 2 and info["support_size"] == 3 and info["label_values"] == [1]
+    record = json.loads((out / "predict_args.json").read_text())  # every argument and the model files, as nnU-Net
+    assert record["arguments"]["support"] == str(tmp_path / "support") and record["arguments"]["ensemble"] == 2
+    assert record["arguments"]["label"] == label and record["command"].startswith("nnharmony_predict -i")
+    assert record["model_files"] == [str((universeg_model / "fold_0" / "checkpoint_final.pth").resolve())]
+    assert (record["collection"], record["trainer"], record["configuration"]) == (
+        synthetic_collection["name"], "UniverSegTrainer", "2d")
     (tmp_path / "labels.json").write_text(json.dumps({"liver": 1}))
     raw = synthetic_collection["raw_folders"][synthetic_collection["spec"].member_index(HOLDOUT)]
     evaluate_cli.main(["-ref", str(raw / "labelsTr"), "-pred", str(out), "-l", str(tmp_path / "labels.json"),

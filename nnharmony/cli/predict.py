@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         from nnharmony.inference.support import predict_from_weights_file
 
         check_output_folder(args.o, {"-i": args.i, "--support": args.support})
-        predict_from_weights_file(args)
+        predict_from_weights_file(args, run_record(args, argv))
         return
     check_arguments(args)
     import torch
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     check_output_folder(args.o, {"-i": args.i, "--support": args.support})
     if hasattr(trainer_class, "predict_from_support"):
         # in-context trainers predict from a support folder instead of a fixed task list
-        trainer_class.predict_from_support(args)
+        trainer_class.predict_from_support(args, run_record(args, argv))
         return
     if args.support is not None:
         raise ValueError(f"--support is for in-context trainers (UniverSegTrainer), not {args.tr}")
@@ -156,8 +156,14 @@ def main(argv: list[str] | None = None) -> None:
                    overwrite=not args.continue_prediction, num_parts=args.num_parts, part_id=args.part_id,
                    num_processes_preprocessing=args.npp, num_processes_export=args.nps,
                    progress_bar=not args.disable_progress_bar,
-                   record={"arguments": {k: v for k, v in vars(args).items() if k != "dataset"},
-                           "command": "nnharmony_predict " + " ".join(sys.argv[1:] if argv is None else argv)})
+                   record=run_record(args, argv))
+
+
+def run_record(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """What ``predict_args.json`` records of the command (with the model files, added by the route): every
+    argument after the checks (a collection id resolved to its name) and the command line as typed."""
+    return {"arguments": {k: v for k, v in vars(args).items() if k != "dataset"},
+            "command": "nnharmony_predict " + " ".join(sys.argv[1:] if argv is None else argv)}
 
 
 if __name__ == "__main__":

@@ -461,14 +461,8 @@ def load_universeg_models(model_dir: Path, folds: Sequence[str] | None, checkpoi
 
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: no trained model; run nnharmony_train ... -tr {trainer_name} first")
-    if folds is None:
-        fold_dirs = sorted(p for p in model_dir.glob("fold_*") if (p / checkpoint_name).is_file())
-        if not fold_dirs:
-            raise FileNotFoundError(f"{model_dir}: no fold_*/{checkpoint_name}")
-    else:
-        fold_dirs = [model_dir / f"fold_{f}" for f in folds]
     networks, config = [], None
-    for d in fold_dirs:
+    for d in universeg_fold_dirs(model_dir, folds, checkpoint_name):
         ckpt = load_checkpoint_file(d / checkpoint_name, expected_trainer=trainer_name)
         cfg = ckpt["nnharmony"].get("universeg")
         if cfg is None:
@@ -480,6 +474,16 @@ def load_universeg_models(model_dir: Path, folds: Sequence[str] | None, checkpoi
         net = _load_strict(network_from_config(cfg), ckpt, d / checkpoint_name, "its recorded UniverSeg")
         networks.append(net.to(device).eval())
     return networks, config
+
+
+def universeg_fold_dirs(model_dir: Path, folds: Sequence[str] | None, checkpoint_name: str) -> list[Path]:
+    """``model_dir/fold_F`` of ``folds``, or of every fold with ``checkpoint_name`` when ``folds`` is None."""
+    if folds is not None:
+        return [model_dir / f"fold_{f}" for f in folds]
+    fold_dirs = sorted(p for p in model_dir.glob("fold_*") if (p / checkpoint_name).is_file())
+    if not fold_dirs:
+        raise FileNotFoundError(f"{model_dir}: no fold_*/{checkpoint_name}")
+    return fold_dirs
 
 
 def list_input_cases(folder: Path) -> dict[str, list[Path]]:
@@ -536,9 +540,9 @@ def write_mask(prob: np.ndarray, value: int, ref, target: Path) -> None:
     atomic_write(target, write)
 
 
-def predict_from_support(args, trainer_name: str = "UniverSegTrainer") -> list[Path]:
+def predict_from_support(args, trainer_name: str = "UniverSegTrainer", run_record: dict | None = None) -> list[Path]:
     """``nnharmony_predict ... -tr UniverSegTrainer --support DIR``: see the module docstring. Returns the files
-    written."""
+    written. ``run_record`` (the command's arguments) goes into ``predict_args.json`` with the model files."""
     from nnharmony.inference.predict_folder import model_folder
 
     _check_support_request(args, trainer_name)
@@ -553,11 +557,12 @@ def predict_from_support(args, trainer_name: str = "UniverSegTrainer") -> list[P
     pairs, cases = find_support_pairs(Path(args.support)), list_input_cases(Path(args.i))
     networks, cfg = load_universeg_models(model_dir, args.f, args.chk, torch.device(args.device), trainer_name)
     record = {"trainer": trainer_name, "model_folder": str(model_dir), "checkpoint": args.chk, "folds": args.f,
-              "configuration": args.cfg}
-    return predict_folder_in_context(args, networks, cfg, pairs, cases, record)
+              "configuration": args.cfg, "collection": args.collection,
+              "model_files": [str((d / args.chk).resolve()) for d in universeg_fold_dirs(model_dir, args.f, args.chk)]}
+    return predict_folder_in_context(args, networks, cfg, pairs, cases, record, run_record)
 
 
-def predict_from_weights_file(args) -> list[Path]:
+def predict_from_weights_file(args, run_record: dict | None = None) -> list[Path]:
     """``nnharmony_predict -i IN -o OUT --support DIR --label L -pretrained_weights FILE``: segment a folder with a
     UniverSeg release state dict (or a UniverSegTrainer checkpoint), no collection and no training
     (:func:`universeg_from_weights_file`). Returns the files written."""
@@ -566,15 +571,17 @@ def predict_from_weights_file(args) -> list[Path]:
         raise ValueError("-device cuda was requested but no CUDA device is available; use -device cpu")
     pairs, cases = find_support_pairs(Path(args.support)), list_input_cases(Path(args.i))
     net, cfg = universeg_from_weights_file(args.pretrained_weights, torch.device(args.device))
-    record = {"weights_file": str(Path(args.pretrained_weights).resolve())}
-    return predict_folder_in_context(args, [net], cfg, pairs, cases, record)
+    weights = str(Path(args.pretrained_weights).resolve())
+    record = {"weights_file": weights, "model_files": [weights]}
+    return predict_folder_in_context(args, [net], cfg, pairs, cases, record, run_record)
 
 
 def predict_folder_in_context(args, networks: Sequence[torch.nn.Module], cfg: dict, pairs: Sequence[SupportPair],
-                              cases: dict[str, list[Path]], record: dict) -> list[Path]:
+                              cases: dict[str, list[Path]], record: dict, run_record: dict | None = None) -> list[Path]:
     """Segment every input case (``args.i``) from the support ``pairs`` with ``networks`` (configuration
     ``cfg``), write ``args.o``; every check runs before the first prediction. ``record`` says where the model
-    came from in ``universeg_prediction.json``."""
+    came from in ``universeg_prediction.json``; ``predict_args.json`` holds ``run_record`` (every argument of
+    the command), the model files and the support set, as the other prediction route's does."""
     from nnharmony.utils.io import save_json_atomic
 
     K, S = int(args.ensemble), int(args.support_size)
@@ -602,11 +609,17 @@ def predict_folder_in_context(args, networks: Sequence[torch.nn.Module], cfg: di
         written.append(target)
         if getattr(args, "save_probabilities", False):
             np.savez_compressed(out_dir / f"{case}.npz", probabilities=np.stack([1 - prob, prob]).astype(np.float32))
+    support = {"support_folder": str(support_dir), "support_cases": [e.case for e in examples]}
     save_json_atomic({
-        **record, "support_folder": str(support_dir), "support_cases": [e.case for e in examples],
+        **record, **support,
         "support_pool_size": len(pool), "label": label_name, "label_values": list(values), "output_value": out_value,
         "support_size": S, "ensemble": K, "seed": int(args.seed), "network": cfg,
     }, out_dir / "universeg_prediction.json")
+    run_record = run_record if run_record is not None else {"arguments": {k: v for k, v in vars(args).items()}}
+    save_json_atomic({**run_record, "collection": record.get("collection"),
+                      "trainer": record.get("trainer", "UniverSeg release weights (-pretrained_weights)"),
+                      "configuration": record.get("configuration"), "model_files": record["model_files"], **support,
+                      "label": label_name, "label_values": list(values)}, out_dir / "predict_args.json")
     return written
 
 

@@ -489,8 +489,9 @@ class UniverSegTrainer(nnHarmonyTrainer):
 
     # ------------------------------------------------------------------ prediction
     @classmethod
-    def predict_from_support(cls, args):
-        """``nnharmony_predict ... -tr UniverSegTrainer --support DIR`` (see :mod:`nnharmony.inference.support`)."""
+    def predict_from_support(cls, args, run_record: dict | None = None):
+        """``nnharmony_predict ... -tr UniverSegTrainer --support DIR`` (see :mod:`nnharmony.inference.support`);
+        ``run_record``: the command's arguments for ``predict_args.json``."""
         from nnharmony.inference.support import predict_from_support
 
-        return predict_from_support(args, trainer_name=cls.__name__)
+        return predict_from_support(args, trainer_name=cls.__name__, run_record=run_record)
