@@ -157,7 +157,10 @@ def plot_member_progress(spec: CollectionSpec, history: Sequence[dict], output_f
         ax.set_title(f"pseudo Dice: {task}")
         ax.set_xlabel("epoch")
         ax.set_ylim(0, 1)
-        ax.legend(fontsize="small")
+        if ax.get_lines():
+            ax.legend(fontsize="small")
+        else:  # every member's value was NaN (nothing predicted nor annotated in the validation batches)
+            ax.text(0.5, 0.5, "no values yet", ha="center", va="center", transform=ax.transAxes)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     fig.tight_layout()
