@@ -44,6 +44,21 @@ def test_old_spellings_keep_working_with_a_warning(capsys):
         assert f"warning: {old} is deprecated" in err and f"use {new}" in err
 
 
+@pytest.mark.parametrize("module", ["convert", "make_synthetic"])
+def test_epilog_examples_parse_as_printed(module):
+    """Commands whose epilog mixes examples with text: every line that starts with the command (continuation
+    lines joined) parses, now that long options are never abbreviated."""
+    import importlib
+    import shlex
+
+    parser = importlib.import_module(f"nnharmony.cli.{module}").build_parser()
+    lines = [ln.strip() for ln in parser.epilog.replace("\\\n", " ").splitlines()]
+    examples = [ln for ln in lines if ln.split(" ", 1)[0] == parser.prog]
+    assert len(examples) >= 3
+    for line in examples:
+        parser.parse_args(shlex.split(line, comments=True)[1:])
+
+
 @pytest.mark.parametrize("module, argv", [("convert", ["msd", "-i", "x", "--dataset", "4"]),
                                           ("convert", ["check", "-d", "4", "--headers"]),
                                           ("make_synthetic", ["--first", "950"]),
@@ -348,6 +363,25 @@ def test_training_log_names_members_and_tasks(quick_model, synthetic_collection)
     history = json.loads((fold / "progress_members.json").read_text())
     assert len(history) == 1 and set(history[0]) <= {m.dataset_name for m in spec.members}
     assert (fold / "progress_members.png").is_file()
+
+
+def test_member_progress_plot_with_a_task_without_values(tmp_path):
+    """A panel whose members all have NaN (nothing predicted nor annotated yet) says so instead of an empty
+    legend (matplotlib warned 'No artists with labels found')."""
+    import warnings
+
+    from nnharmony.data.collection import CollectionSpec
+    from nnharmony.trainers import progress
+
+    spec = CollectionSpec.from_dict({"name": "Collection999_Toy", "modalities": ["CT"], "tasks": ["liver", "spleen"],
+                                     "members": [{"dataset_id": 991, "dataset_name": "Dataset991_A", "channels": ["CT"],
+                                                  "num_training": 5, "labels": {"background": 0, "liver": 1, "spleen": 2},
+                                                  "tasks": [{"label": "liver", "values": [1], "task": "liver"},
+                                                            {"label": "spleen", "values": [2], "task": "spleen"}]}]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        progress.plot_member_progress(spec, [{"Dataset991_A": {"liver": float("nan"), "spleen": 0.5}}], tmp_path)
+    assert (tmp_path / progress.MEMBER_PROGRESS_PLOT).is_file()
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
