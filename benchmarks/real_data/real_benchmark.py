@@ -1,25 +1,33 @@
-"""The real-data benchmark on R2 (seven 2D PNG datasets, five imaging modalities): every paradigm on fold 0 with one
-budget, per seed, then a table over the seeds. Not a test.
+"""The real-data benchmark on R2 (seven 2D PNG datasets, five imaging modalities) or R3 (three 3D MRI datasets):
+every paradigm on fold 0 with one budget, per seed, then a table over the seeds. Not a test.
 
-    python benchmarks/real_data/r2_benchmark.py WORKDIR                      # import, plan, seeds 0 and 1
-    python benchmarks/real_data/r2_benchmark.py WORKDIR --seeds 0 --budget 6x100 --equal-iterations
-    python benchmarks/real_data/r2_benchmark.py WORKDIR --summarize          # the table of the runs in WORKDIR
+    python benchmarks/real_data/real_benchmark.py r2 WORKDIR                  # import, plan, seeds 0 and 1
+    python benchmarks/real_data/real_benchmark.py r2 WORKDIR --seeds 0 --budget 6x100 --equal-iterations
+    python benchmarks/real_data/real_benchmark.py r3 WORKDIR --seeds 0 --budget 4x50   # reduced CPU budget
+    python benchmarks/real_data/real_benchmark.py r2 WORKDIR --summarize      # the table of the runs in WORKDIR
 
 WORKDIR holds nnUNet_raw/_preprocessed/_results and ``reports/``; the shared datasets are imported
-(``import_all.py --only r2``) and planned (``R2_2d.collection.json``, ``2d``) when missing. Each seed is one
-``run_benchmark`` (the Python API of ``nnharmony_benchmark``) into ``reports/seed<N>/``, skipped when its
-``benchmark.json`` exists, so an interrupted series resumes. Methods: per-dataset nnU-Net, naive joint,
-separate-heads oracle, U-Harmony, Hermes; U-Harmony and Hermes also predict with ``--dataset auto``.
+(``import_all.py --only r2|r3``) and planned (``R2_2d.collection.json`` with ``2d``, ``R3_3d.collection.json``
+with ``3d_fullres``) when missing. Each seed is one ``run_benchmark`` (the Python API of ``nnharmony_benchmark``)
+into ``reports/<r2|r3>/seed<N>/``, skipped when its ``benchmark.json`` exists, so an interrupted series resumes; two
+seeds may run at once in two processes (``--seeds 0`` and ``--seeds 1``, one thread each) once planning is done.
+Methods: per-dataset nnU-Net, naive joint, separate-heads oracle, U-Harmony, Hermes; U-Harmony and Hermes also
+predict with ``--dataset auto``.
 
-Compute: the budget is EPOCHSxITERATIONS for every collection model; the seven per-dataset models share it
-(equal total compute, ``per_dataset_budget="total"``). ``--equal-iterations`` adds one run in which every
-per-dataset model gets the whole budget (seven times the compute), the comparison at equal iterations per model.
+Compute: the budget is EPOCHSxITERATIONS for every collection model; the per-dataset models share it (equal total
+compute, ``per_dataset_budget="total"``). ``--equal-iterations`` adds one run in which every per-dataset model gets
+the whole budget (N times the compute), the comparison at equal iterations per model.
 
-CPU settings, each for the CPU's sake and the same for every method: the plans variant ``cpu`` (first stage 16
-features instead of 32, batch at most 8, patch at most 128x128 with the stages below 4 pixels dropped; nnU-Net
-plans 256x256 batch 46 for the joint model), AdamW at lr 1e-3 (nnU-Net's own ``nnUNetTrainerAdam1en3`` for the
+CPU settings, each for the CPU's sake and the same for every method: a plans variant ``cpu`` (first stage 16
+features instead of 32; R2: batch at most 8, patch at most 128x128; R3: batch 2, patch at most 64 voxels per
+axis; stages below 4 voxels dropped), AdamW at lr 1e-3 (nnU-Net's own ``nnUNetTrainerAdam1en3`` for the
 per-dataset models: SGD with momentum 0.99 needs more iterations than a CPU budget gives), validation without
 test-time mirroring, one PyTorch thread per process (``--threads``).
+
+R3 here is ``R3_3d_labelled.collection.json``: R3's three manually labelled members (CHAOS T2-SPIR, cardiac bSSFP,
+all 200 hippocampus cases). The single TotalSegmentator MR case can only be a training-only member (no validation
+case, see collections.md), while this benchmark scores every paradigm on every member's validation cases and
+trains a per-dataset model for each; so it is left out here (``R3_3d.collection.json`` keeps it for training).
 """
 from __future__ import annotations
 
@@ -30,10 +38,37 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-COLLECTION = "Collection930_R2"
+
+
+@dataclass(frozen=True)
+class RealCollection:
+    """One real collection of the benchmark: its spec, configuration, dataset ids and CPU plans variant."""
+
+    name: str
+    spec: str
+    configuration: str
+    import_group: str
+    dataset_ids: tuple[int, ...]
+    max_batch_size: int
+    max_patch_size: int
+
+    def plans_variant(self):
+        from nnharmony.benchmark.plans_variant import PlansVariant
+
+        return PlansVariant("cpu", base_features=16, max_batch_size=self.max_batch_size,
+                            max_patch_size=self.max_patch_size)
+
+
+COLLECTIONS = {
+    "r2": RealCollection("Collection930_R2", "R2_2d.collection.json", "2d", "r2", (931, 932, 933, 934, 935, 936, 937),
+                         max_batch_size=8, max_patch_size=128),
+    "r3": RealCollection("Collection919_R3Labelled", "R3_3d_labelled.collection.json", "3d_fullres", "r3",
+                         (921, 922, 923), max_batch_size=2, max_patch_size=64),
+}
 METHODS = ["nnunet", "joint", "separate_heads", "uharmony", "hermes"]
 COLLECTION_METHODS = ["joint", "separate_heads", "uharmony", "hermes"]
 
@@ -45,23 +80,23 @@ def set_folders(workdir: Path) -> None:
     os.environ.setdefault("nnUNet_n_proc_DA", "0")  # augmentation in the training process: seeded runs repeat
 
 
-def prepare(workdir: Path) -> None:
-    """Import and plan R2 unless done (the commands a user types, see collections.md)."""
+def prepare(c: RealCollection) -> None:
+    """Import and plan the collection unless done (the commands a user types, see collections.md)."""
     raw, pre = Path(os.environ["nnUNet_raw"]), Path(os.environ["nnUNet_preprocessed"])
-    if not all((raw / f"Dataset{i}_{n}").is_dir() for i, n in ((931, "BTCVSlices"), (937, "ISBI2012EM"))):
-        subprocess.run([sys.executable, str(HERE / "import_all.py"), "--only", "r2"], check=True)
-    if not (pre / COLLECTION / "nnHarmonyPlans.json").is_file():
-        subprocess.run(["nnharmony_plan_and_preprocess", "-n", COLLECTION, "--spec",
-                        str(HERE / "R2_2d.collection.json"), "-c", "2d", "-np", "1"], check=True)
+    if not all(any(raw.glob(f"Dataset{i}_*/dataset.json")) for i in c.dataset_ids):
+        subprocess.run([sys.executable, str(HERE / "import_all.py"), "--only", c.import_group], check=True)
+    if not (pre / c.name / "nnHarmonyPlans.json").is_file():
+        subprocess.run(["nnharmony_plan_and_preprocess", "-n", c.name, "--spec", str(HERE / c.spec),
+                        "-c", c.configuration, "-np", "1"], check=True)
 
 
 def options(args, seed: int, methods: list[str], share: str, output: Path):
     from nnharmony.benchmark import BenchmarkOptions
-    from nnharmony.benchmark.plans_variant import PlansVariant
 
+    c = COLLECTIONS[args.collection]
     return BenchmarkOptions(
-        methods=methods, budget=args.budget, collection=COLLECTION, fold=0, device="cpu", output_folder=str(output),
-        configuration="2d", plans_variant=PlansVariant("cpu", base_features=16, max_batch_size=8, max_patch_size=128),
+        methods=methods, budget=args.budget, collection=c.name, fold=0, device="cpu", output_folder=str(output),
+        configuration=c.configuration, plans_variant=c.plans_variant(),
         trainers={"nnunet": "nnUNetTrainerAdam1en3"},
         trainer_options={m: {"optimizer_name": "adamw"} for m in COLLECTION_METHODS},
         seed=seed, per_dataset_budget=share, auto_member=True, keep_checkpoints=True, validation_mirroring=False,
@@ -71,7 +106,7 @@ def options(args, seed: int, methods: list[str], share: str, output: Path):
 def run(args, name: str, seed: int, methods: list[str], share: str) -> None:
     from nnharmony.benchmark import printed_summary, run_benchmark
 
-    out = args.workdir / "reports" / name
+    out = args.workdir / "reports" / args.collection / name
     if (out / "benchmark.json").is_file():
         print(f"{name}: done before ({out}/benchmark.json)", flush=True)
         return
@@ -99,11 +134,11 @@ def fmt(values: list[float]) -> str:
     return f"{m:.3f}" if len(values) == 1 else f"{m:.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
-def summarize(workdir: Path) -> str:
-    runs = {p.parent.name: json.loads(p.read_text()) for p in sorted((workdir / "reports").glob("*/benchmark.json"))}
+def summarize(workdir: Path, collection: str) -> str:
+    runs = {p.parent.name: json.loads(p.read_text()) for p in sorted((workdir / "reports" / collection).glob("*/benchmark.json"))}
     seeds = {k: v for k, v in runs.items() if k.startswith("seed")}
     if not seeds:
-        return f"no finished run in {workdir}/reports"
+        return f"no finished run in {workdir}/reports/{collection}"
     equal_it = runs.get("equal_iterations")
     first = next(iter(seeds.values()))
     members = [m["name"] for m in first["collection"]["members"]]
@@ -121,7 +156,7 @@ def summarize(workdir: Path) -> str:
         for (member, method), v in member_means(equal_it).items():
             per["nnunet, equal iterations"][member].append(v)
     s = first["settings"]
-    lines = [f"R2 ({COLLECTION}), fold 0, budget {s['budget']} per collection model (per-dataset models: "
+    lines = [f"{first['collection']['name']}, fold 0, budget {s['budget']} per collection model (per-dataset models: "
              f"{s.get('per_dataset_budget')}), plans {s['plans']}, seeds {', '.join(k[4:] for k in seeds)}: mean Dice "
              f"over each member's labels; with two or more seeds the mean (min-max) over them", "",
              "| member | train / val | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
@@ -151,6 +186,7 @@ def summarize(workdir: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("collection", choices=sorted(COLLECTIONS), help="r2 (2D, seven members) or r3 (3D, three)")
     p.add_argument("workdir", type=Path, help="folder for nnUNet_raw/_preprocessed/_results and reports/")
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1],
                    help="one run per seed (default 0 1; none: only --equal-iterations, with seed 0)")
@@ -163,12 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir = args.workdir.resolve()
     if not args.summarize:
         set_folders(args.workdir)
-        prepare(args.workdir)
+        prepare(COLLECTIONS[args.collection])
         for seed in args.seeds:
             run(args, f"seed{seed}", seed, METHODS, "total")
         if args.equal_iterations:
             run(args, "equal_iterations", args.seeds[0] if args.seeds else 0, ["nnunet"], "each")
-    print(summarize(args.workdir))
+    print(summarize(args.workdir, args.collection))
     return 0
 
 
