@@ -17,7 +17,7 @@ a fixed training budget. Prints Markdown tables; not a test.
    batch), and is scored by the pseudo Dice (nnU-Net's validation counts, summed) on the same ``--eval-batches``
    validation patches: no sliding-window validation, which costs minutes per case on a small CPU.
 
-    python benchmarks/hermes_benchmark.py --ablation -c Collection900_Synth -cfg 2d --epochs 6 --iterations 6
+    python benchmarks/hermes_benchmark.py --ablation -d Collection900_Synth -c 2d --epochs 6 --iterations 6
 
 Without ``-c`` the synthetic collection is made and planned in a temporary folder (``$nnUNet_*`` point there).
 """
@@ -45,7 +45,7 @@ def run(cmd: list[str], what: str) -> str:
 
 
 def step_time_table(args) -> tuple[str, float | None]:
-    cmd = [sys.executable, str(HERE / "step_time.py"), "-c", args.collection, "-cfg", args.configuration,
+    cmd = [sys.executable, str(HERE / "step_time.py"), "-d", args.collection, "-c", args.configuration,
            "-device", args.device, "--trainers", *args.trainers, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--loader-batches", str(args.loader_batches)]
     text = run(cmd, "step time")
@@ -178,8 +178,9 @@ def add_ablation_arguments(p: argparse.ArgumentParser) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-c", "--collection", default=None, help="planned collection (default: synthetic, temp folder)")
-    p.add_argument("-cfg", "--configuration", default="3d_fullres")
+    p.add_argument("-d", "--collection", default=None,
+                   help="planned collection, name (default: a synthetic one in a temporary folder)")
+    p.add_argument("-c", "--configuration", default="3d_fullres", help="configuration (default 3d_fullres)")
     p.add_argument("-device", "--device", default="cpu")
     p.add_argument("--trainers", nargs="+", default=["nnHarmonyTrainer", "HermesTrainer"])
     p.add_argument("--steps", type=int, default=5, help="timed steps (step-time part)")

@@ -53,8 +53,9 @@ def input_folder(dataset_folder: Path, num_cases: int, dest: Path) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-c", "--collection", default=None, help="planned collection (default: synthetic, temp folder)")
-    p.add_argument("-cfg", "--configuration", default="3d_fullres")
+    p.add_argument("-d", "--collection", default=None,
+                   help="planned collection, name (default: a synthetic one in a temporary folder)")
+    p.add_argument("-c", "--configuration", default="3d_fullres", help="configuration (default 3d_fullres)")
     p.add_argument("-device", "--device", default="cpu")
     p.add_argument("--trainers", nargs="+", default=["nnHarmonyTrainer", "UHarmonyTrainer", "HermesTrainer"])
     p.add_argument("--dataset", type=int, default=None, help="member whose cases are predicted (default: first)")

@@ -118,8 +118,9 @@ def worker(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-c", "--collection", default=None, help="planned collection (default: synthetic, temp folder)")
-    p.add_argument("-cfg", "--configuration", default="3d_fullres")
+    p.add_argument("-d", "--collection", default=None,
+                   help="planned collection, name (default: a synthetic one in a temporary folder)")
+    p.add_argument("-c", "--configuration", default="3d_fullres", help="configuration (default 3d_fullres)")
     p.add_argument("-p", "--plans", default="nnHarmonyPlans", help="joint plans identifier (e.g. a batch-size variant)")
     p.add_argument("-device", "--device", default="cpu")
     p.add_argument("--trainers", nargs="+", default=["nnHarmonyTrainer"])
@@ -135,7 +136,7 @@ def main() -> None:
     args.collection = ensure_collection(args)
     rows = []
     for name in [REFERENCE, *args.trainers]:
-        cmd = [sys.executable, __file__, "--worker", name, "-c", args.collection, "-cfg", args.configuration,
+        cmd = [sys.executable, __file__, "--worker", name, "-d", args.collection, "-c", args.configuration,
                "-p", args.plans, "-device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--loader-batches", str(args.loader_batches)]
         # the reference step is not compiled; compile none unless the user asks (nnUNet_compile=t)

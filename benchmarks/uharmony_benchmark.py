@@ -21,7 +21,7 @@ and the baseline, plus the gate's domain accuracy. Prints Markdown tables; not a
    variant, pseudo Dice on the same validation patches): harmonization only (uniform gate in training and
    inference: one shared head), gated head only (no U-Harmony norms), both with R1 and with R2.
 
-    python benchmarks/uharmony_benchmark.py --ablation -c Collection900_Synth -cfg 2d --epochs 6 --iterations 6
+    python benchmarks/uharmony_benchmark.py --ablation -d Collection900_Synth -c 2d --epochs 6 --iterations 6
 
 Without ``-c`` the synthetic collection is made and planned in a temporary folder (``$nnUNet_*`` point there).
 """
@@ -52,7 +52,7 @@ def run(cmd: list[str], what: str) -> str:
 
 def step_time_table(args) -> tuple[str, dict[str, float]]:
     trainers = ["nnHarmonyTrainer", *[t for t in args.step_trainers if t != "nnHarmonyTrainer"]]
-    cmd = [sys.executable, str(HERE / "step_time.py"), "-c", args.collection, "-cfg", args.configuration,
+    cmd = [sys.executable, str(HERE / "step_time.py"), "-d", args.collection, "-c", args.configuration,
            "-device", args.device, "--trainers", *trainers, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--loader-batches", str(args.loader_batches)]
     text = run(cmd, "step time")
@@ -158,8 +158,9 @@ UHARMONY_ABLATIONS: dict[str, tuple[str, dict]] = {
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-c", "--collection", default=None, help="planned collection (default: synthetic, temp folder)")
-    p.add_argument("-cfg", "--configuration", default="3d_fullres")
+    p.add_argument("-d", "--collection", default=None,
+                   help="planned collection, name (default: a synthetic one in a temporary folder)")
+    p.add_argument("-c", "--configuration", default="3d_fullres", help="configuration (default 3d_fullres)")
     p.add_argument("-device", "--device", default="cpu")
     p.add_argument("--trainers", nargs="+", default=DEFAULT_TRAINERS, help="trainers of the Dice part")
     p.add_argument("--step-trainers", nargs="+", default=["UHarmonyTrainer"], help="trainers of the step-time part "
