@@ -116,7 +116,7 @@ def pseudo_dice_run(args, trainer_name: str, options: dict, seed: int) -> dict:
     import numpy as np
     import torch
 
-    from nnharmony.trainers.run import TrainingOptions, _apply_options, build_trainer
+    from nnharmony.trainers.run import TrainingOptions, apply_options, build_trainer
 
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -125,7 +125,7 @@ def pseudo_dice_run(args, trainer_name: str, options: dict, seed: int) -> dict:
                            val_iterations_per_epoch=1, disable_checkpointing=True,
                            trainer_options={**options, "sampling_seed": seed})
     trainer = build_trainer(opts, torch.device(args.device))
-    _apply_options(trainer, opts)
+    apply_options(trainer, opts)
     t0 = time.perf_counter()
     trainer.run_training()
     seconds = time.perf_counter() - t0

@@ -23,7 +23,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
-from nnharmony.evaluation.benchmark import own_peak_rss_mb
+from nnharmony.utils.resources import own_peak_rss_mb
 from nnharmony.networks.hermes import HermesUNet
 from nnharmony.networks.hermes_loss import HermesLoss
 from nnharmony.trainers.losses import PartialLabelLoss, nnunet_deep_supervision_weights

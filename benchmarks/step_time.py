@@ -48,7 +48,7 @@ def ensure_collection(args) -> str:
 def _peak_memory_mb(device) -> float:
     import torch
 
-    from nnharmony.evaluation.benchmark import own_peak_rss_mb
+    from nnharmony.utils.resources import own_peak_rss_mb
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20

@@ -229,13 +229,13 @@ def test_official_recipe_end_to_end(synthetic_collection, tmp_path):
     training and EMA weights -> prediction loads the EMA weights and writes a case."""
     from nnharmony.cli import predict as predict_cli
     from nnharmony.inference.predictor import CollectionPredictor
-    from nnharmony.trainers.run import TrainingOptions, _apply_options, build_trainer
+    from nnharmony.trainers.run import TrainingOptions, apply_options, build_trainer
 
     opts = TrainingOptions(synthetic_collection["name"], "2d", 0, "HermesTrainer", device="cpu", epochs=2,
                            iterations_per_epoch=2, val_iterations_per_epoch=1,
                            trainer_options={"hermes": {**SMALL, "recipe": "official"}})
     trainer = build_trainer(opts, torch.device("cpu"))
-    _apply_options(trainer, opts)
+    apply_options(trainer, opts)
     trainer.run_training()
     assert trainer.enable_deep_supervision is False and trainer.ema.step == 4
     folder = Path(trainer.output_folder_base)
@@ -250,7 +250,7 @@ def test_official_recipe_end_to_end(synthetic_collection, tmp_path):
     assert ckpt["optimizer_state"]["param_groups"][0]["weight_decay"] == 1e-5
     # resume (--c): training weights into the network, EMA weights into the EMA
     resumed = build_trainer(opts, torch.device("cpu"))
-    _apply_options(resumed, opts)
+    apply_options(resumed, opts)
     resumed.load_checkpoint(str(folder / "fold_0" / "checkpoint_final.pth"))
     net = resumed.unwrapped_network().state_dict()
     assert all(torch.equal(net[k], v) for k, v in ema["training_weights"].items())

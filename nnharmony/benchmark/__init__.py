@@ -21,7 +21,8 @@ A method whose trainer cannot be imported is reported as ``skipped`` with the re
 from nnharmony.benchmark.budget import Budget
 from nnharmony.benchmark.methods import DEFAULT_METHODS, METHODS, Method
 from nnharmony.benchmark.options import QUICK, BenchmarkOptions, Preset
-from nnharmony.benchmark.runner import own_peak_rss_mb, printed_summary, run_benchmark
+from nnharmony.benchmark.runner import printed_summary, run_benchmark
+from nnharmony.utils.resources import own_peak_rss_mb
 
 __all__ = ["Budget", "DEFAULT_METHODS", "METHODS", "Method", "QUICK", "BenchmarkOptions", "Preset",
            "own_peak_rss_mb", "printed_summary", "run_benchmark"]

@@ -155,9 +155,9 @@ class _InProcessMultiprocessing:
         return self
 
     def Pool(self, *args: Any, **kwargs: Any):  # noqa: N802 (multiprocessing's name)
-        from nnharmony.planners.workers import _InProcessPool
+        from nnharmony.planners.workers import InProcessPool
 
-        return _InProcessPool()
+        return InProcessPool()
 
 
 @contextmanager
@@ -197,9 +197,9 @@ def _train_one(trainer, t, budget: Budget, seconds: float | None, defer_plot: bo
     """Options, training and (unless ``validate`` is False) the final validation of one built trainer."""
     from nnunetv2.run.run_training import maybe_load_checkpoint
 
-    from nnharmony.trainers.run import _apply_options
+    from nnharmony.trainers.run import apply_options
 
-    _apply_options(trainer, t)
+    apply_options(trainer, t)
     if seconds is not None and hasattr(trainer, "wall_clock_budget_minutes") and not budget.fitted:
         trainer.wall_clock_budget_minutes = seconds / 60
     fitter = EpochsInMinutes(trainer, seconds, clock=budget.clock) if budget.fitted else None

@@ -83,7 +83,7 @@ class _Done:
         return self._value
 
 
-class _InProcessPool:
+class InProcessPool:
     """A ``multiprocessing.Pool`` as nnU-Net's fingerprint extractor (``starmap_async``, ``_pool``) and file
     listing (``starmap``) use it, run in this process."""
 
@@ -92,7 +92,7 @@ class _InProcessPool:
     def __init__(self, *args: Any, **kwargs: Any):
         pass
 
-    def __enter__(self) -> "_InProcessPool":
+    def __enter__(self) -> "InProcessPool":
         return self
 
     def __exit__(self, *exc: Any) -> bool:
@@ -114,7 +114,7 @@ class _Context:
     def Pool(self, processes: int | None = None, initializer: Callable | None = None, initargs: Sequence = (),
              *args: Any, **kwargs: Any):  # noqa: N802 (multiprocessing's name)
         if processes == 1 and initializer is None:
-            return _InProcessPool()
+            return InProcessPool()
         return self._ctx.Pool(processes, _chained_initializer, (os.getpid(), initializer, tuple(initargs)),
                               *args, **kwargs)
 
@@ -144,7 +144,7 @@ def nnunet_processes_bounded() -> Iterator[None]:
     from nnunetv2.utilities import utils
 
     with _SWAP_LOCK:
-        swaps = [(fingerprint_extractor, "multiprocessing", _Multiprocessing()), (utils, "Pool", _InProcessPool)]
+        swaps = [(fingerprint_extractor, "multiprocessing", _Multiprocessing()), (utils, "Pool", InProcessPool)]
         originals = [(m, name, getattr(m, name)) for m, name, _ in swaps if hasattr(m, name)]
         for m, name, new in swaps:
             if hasattr(m, name):

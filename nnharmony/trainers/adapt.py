@@ -72,7 +72,7 @@ def adapt_model(old_collection: str, new_collection: str, trainer_name: str, con
     ``trainer_options``: trainer attributes for fine-tuning (as ``nnharmony_train --trainer-options``)."""
     from nnharmony.inference.predict_folder import model_folder
     from nnharmony.trainers.checkpoint import load_checkpoint_file
-    from nnharmony.trainers.run import TrainingOptions, _apply_options, _device, build_trainer
+    from nnharmony.trainers.run import TrainingOptions, apply_options, _device, build_trainer
     from nnharmony.trainers.validation import validate_members
 
     old_folder = model_folder(old_collection, trainer_name, plans, configuration)
@@ -88,7 +88,7 @@ def adapt_model(old_collection: str, new_collection: str, trainer_name: str, con
                            trainer_options=dict(trainer_options or {}))
     trainer = build_trainer(opts, _device(opts))
     check_extends(trainer.spec, old_spec)
-    _apply_options(trainer, opts)
+    apply_options(trainer, opts)
     trainer.adaptation_mode = True
     trainer.initialize()
     type(trainer).transfer_weights(ckpt["network_weights"], old_spec, trainer.spec, trainer.unwrapped_network())

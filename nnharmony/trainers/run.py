@@ -60,7 +60,7 @@ def load_collection(name: str, plans: str) -> tuple[CollectionSpec, dict, dict]:
     return spec, load_json(plans_file), load_json(collection_dir(name) / "dataset.json")
 
 
-def _apply_options(trainer, opts: TrainingOptions) -> None:
+def apply_options(trainer, opts: TrainingOptions) -> None:
     if opts.epochs is not None:
         trainer.num_epochs = opts.epochs
     if opts.iterations_per_epoch is not None:
@@ -125,7 +125,7 @@ def _load_checkpoint(trainer, checkpoint_file: str) -> None:
 
 
 def _run_one(trainer, opts: TrainingOptions) -> None:
-    _apply_options(trainer, opts)
+    apply_options(trainer, opts)
     _maybe_load(trainer, opts)
     if not opts.validation_only:
         trainer.run_training()
