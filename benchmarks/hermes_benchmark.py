@@ -73,7 +73,7 @@ def member_dice(fold_dir: Path) -> dict[str, float]:
 
 
 def dice_table(args) -> str:
-    from nnharmony.inference.predict_folder import model_folder
+    from nnharmony.records.model_folder import model_folder
 
     results, times = {}, {}
     for trainer in args.trainers:

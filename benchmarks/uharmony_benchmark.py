@@ -106,7 +106,7 @@ def gate_accuracy(model_folder: Path, device: str) -> dict[str, tuple[int, int, 
 
 
 def dice_tables(args) -> str:
-    from nnharmony.inference.predict_folder import model_folder
+    from nnharmony.records.model_folder import model_folder
 
     results, times, gates = {}, {}, {}
     for trainer in args.trainers:

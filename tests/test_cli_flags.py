@@ -258,7 +258,7 @@ def test_trainer_names_read_from_source_match_the_lookup():
 
     import nnharmony.trainers
     from nnharmony.cli.preflight import trainer_names
-    from nnharmony.utils.find_class import _classes_in
+    from nnharmony.records.model_folder import _classes_in
 
     assert set(_classes_in(nnharmony.trainers, nnUNetTrainer)) <= trainer_names()
 

@@ -127,7 +127,7 @@ def test_bad_inputs(baseline_model, synthetic_collection, tmp_path, capsys):
 
 
 def test_checkpoint_of_other_trainer_is_refused(baseline_model, synthetic_collection, tmp_path):
-    from nnharmony.trainers.checkpoint import load_checkpoint_file
+    from nnharmony.records.model_folder import load_checkpoint_file
 
     ckpt = baseline_model / "fold_0" / "checkpoint_final.pth"
     with pytest.raises(ValueError, match="checkpoint of trainer 'nnHarmonyTrainer', not 'SeparateHeadsTrainer'"):

@@ -550,7 +550,7 @@ def test_adaptation_new_modality_and_class(uharmony_model, synthetic_collection,
     from nnharmony.cli import predict as predict_cli
     from nnharmony.inference.predictor import CollectionPredictor
     from nnharmony.planners.plan_and_preprocess import plan_and_preprocess_collection
-    from nnharmony.trainers.checkpoint import load_checkpoint_file
+    from nnharmony.records.model_folder import load_checkpoint_file
     from nnharmony.trainers.run import TrainingOptions, build_trainer
 
     old_name, new_name = synthetic_collection["name"], "Collection901_UHarmonyExt"

@@ -17,7 +17,7 @@ AUTO_SUFFIX = " (auto)"
 
 
 def supports_auto(method: Method) -> bool:
-    from nnharmony.utils.find_class import find_trainer_class
+    from nnharmony.records.model_folder import find_trainer_class
 
     return method.paradigm == "collection" and getattr(find_trainer_class(method.trainer), "supports_auto_dataset",
                                                        False)

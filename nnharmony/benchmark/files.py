@@ -39,9 +39,8 @@ def prediction_folders(method: Method, spec, models_dir: Path, report_dir: Path,
     method: the parent folder of one sub-folder per label."""
     fold_dir = f"fold_{fold}"
     if method.paradigm == "per-dataset":
-        return {m.dataset_name: models_dir / m.dataset_name / f"{trainer_class}__{member_plans}__{configuration}"
-                / fold_dir / "validation" for m in spec.members}
+        return {m.dataset_name: model_folder(m.dataset_name, trainer_class, member_plans, configuration, models_dir) / fold_dir / "validation" for m in spec.members}
     if method.paradigm == "in-context":
         return {m.dataset_name: report_dir / "predictions" / method.name / m.dataset_name for m in spec.members}
-    base = models_dir / spec.name / f"{method.trainer}__{joint_plans}__{configuration}" / fold_dir
+    base = model_folder(spec.name, method.trainer, joint_plans, configuration, models_dir) / fold_dir
     return {m.dataset_name: base / "validation" / m.dataset_name for m in spec.members}

@@ -33,7 +33,7 @@ DEFAULT_METHODS = ("nnunet", "joint", "uharmony", "hermes", "universeg")
 def trainer_available(method: Method) -> str | None:
     """None if the method can run, else why not."""
     try:
-        from nnharmony.utils.find_class import find_trainer_class
+        from nnharmony.records.model_folder import find_trainer_class
 
         cls = find_trainer_class(method.trainer)
     except Exception as e:  # noqa: BLE001 - any import problem means "skip", with the reason

@@ -19,6 +19,7 @@ from nnharmony.benchmark.files import label_tasks, prediction_folders
 from nnharmony.benchmark.methods import Method, trainer_available
 from nnharmony.benchmark.options import BenchmarkOptions
 from nnharmony.benchmark.progress import Progress, Step
+from nnharmony.records.model_folder import model_folder
 from nnharmony.utils.io import load_json, save_json_atomic
 from nnharmony.utils.resources import cpu_seconds, own_peak_rss_mb, process_age_s, reset_peak_rss
 
@@ -155,7 +156,7 @@ def _auto_member(method: Method, ctx: dict[str, Any], configuration: str, traine
     from nnharmony.benchmark.scoring import evaluate_method
 
     opts, spec, report_dir = ctx["opts"], ctx["spec"], ctx["report_dir"]
-    model = ctx["models_dir"] / spec.name / f"{trainer_class}__{ctx['joint_plans']}__{configuration}"
+    model = model_folder(spec.name, trainer_class, ctx["joint_plans"], configuration, ctx["models_dir"])
     folder = report_dir / "predictions_auto" / method.name
     inferred = predict_auto(method, spec, model, opts.fold, [list(ctx["folds"][i][1]) for i in range(len(spec.members))], folder,
                             opts.device, opts.validation_mirroring)

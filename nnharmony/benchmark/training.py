@@ -274,7 +274,7 @@ def train_method(method: Method, collection: str, opts: BenchmarkOptions, budget
         ident = joint["nnharmony"]["member_plans_identifier"]
         cls = _wall_clock_nnunet_trainer() if seconds is not None and not budget.fitted else None
         if cls is None:
-            from nnharmony.utils.find_class import find_trainer_class
+            from nnharmony.records.model_folder import find_trainer_class
 
             cls = find_trainer_class(method.trainer)
         run.trainer_class = cls.__name__

@@ -12,6 +12,7 @@ import sys
 from nnharmony.cli import preflight
 from nnharmony.cli.common import (add_collection_flags, add_deprecated_alias, apply_old_collection_flags, exit_on_user_error,
                                   make_parser)
+from nnharmony.records.model_folder import default_configuration
 
 EXAMPLES = (
     "nnharmony_predict -i val902/images -o pred902 -d 900 -c 3d_fullres -f 0 --member 902 -device cpu",
@@ -90,7 +91,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if preflight.is_plain_nnunet_trainer(args.tr):
         raise ValueError(plain_trainer_message(args.tr))
     if args.cfg is None:
-        args.cfg = _default_configuration(args.collection, args.tr, args.p)
+        args.cfg = default_configuration(args.collection, args.tr, args.p)
     if args.f is not None:
         bad = [f for f in args.f if f != "all" and not f.isdigit()]
         if bad:
@@ -106,13 +107,6 @@ def plain_trainer_message(trainer: str) -> str:
             f"$nnUNet_results/DatasetXXX_Name/; predict them with nnUNetv2_predict -d DATASET -tr {trainer}")
 
 
-def _default_configuration(collection: str, trainer: str, plans: str) -> str:
-    """The only configuration trained with this trainer and plans, else 3d_fullres (as before -c was required)."""
-    prefix = f"{trainer}__{plans}__"
-    trained = [n[len(prefix):] for n in preflight.trained_model_folders(collection) if n.startswith(prefix)]
-    return trained[0] if len(trained) == 1 else "3d_fullres"
-
-
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
@@ -126,8 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     check_arguments(args)
     import torch
 
-    from nnharmony.inference.predict_folder import check_output_folder, model_folder, predict_folder
-    from nnharmony.utils.find_class import find_trainer_class
+    from nnharmony.inference.predict_folder import check_output_folder, predict_folder
+    from nnharmony.records.model_folder import find_trainer_class, model_folder
 
     trainer_class = find_trainer_class(args.tr)
     from nnharmony.trainers.nnharmony_trainer import nnHarmonyTrainer

@@ -3,7 +3,7 @@
 Importing torch and nnU-Net takes from seconds to minutes on a busy CPU; a misspelt trainer, collection,
 configuration or an unset ``$nnUNet_results`` must fail at once, in one line, with the close matches. This
 module therefore uses the standard library only: trainer and planner names are read from the source files
-(``class Name(``), never imported; the import-based lookup (:mod:`nnharmony.utils.find_class`) still checks
+(``class Name(``), never imported; the import-based lookup (:mod:`nnharmony.records.model_folder`) still checks
 the class itself later.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Iterable
 
 from nnharmony.paths import (COLLECTION_SPEC_FILE, PathNotSetError, collection_candidates, preprocessed_dir,
                              resolve_collection_name, results_dir)
+from nnharmony.records.model_folder import model_folder, trained_model_folders
 
 NNHARMONY_ROOT = Path(__file__).resolve().parents[1]
 _CLASS_RE = re.compile(r"^class\s+(\w+)", re.MULTILINE)
@@ -207,19 +208,10 @@ def check_planner(name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- trained models
-def model_folder_name(trainer: str, plans: str, configuration: str) -> str:
-    return f"{trainer}__{plans}__{configuration}"
-
-
-def trained_model_folders(collection: str) -> list[str]:
-    root = results_dir() / collection
-    return sorted(p.name for p in root.glob("*__*__*") if p.is_dir()) if root.is_dir() else []
-
-
 def check_trained_model(collection: str, trainer: str, plans: str, configuration: str,
                         folds: list[str] | None, checkpoint: str) -> Path:
     """The model folder of ``-tr -p -c`` exists and holds ``fold_F/CHECKPOINT`` for every fold given."""
-    folder = results_dir() / collection / model_folder_name(trainer, plans, configuration)
+    folder = model_folder(collection, trainer, plans, configuration)
     if not (results_dir() / collection).is_dir():
         known = _collections_in(results_dir(), None)
         raise FileNotFoundError(f"{folder}: no trained model: collection {collection} has no folder in "

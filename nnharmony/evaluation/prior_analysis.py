@@ -236,7 +236,7 @@ def analyze_model(model_folder: str | Path, output_folder: str | Path, fold: int
     """Prior analysis of a trained Hermes model folder (``TRAINER__PLANS__CONFIG``)."""
     from nnharmony.data.collection import CollectionSpec
     from nnharmony.paths import COLLECTION_SPEC_FILE
-    from nnharmony.trainers.checkpoint import load_checkpoint_file
+    from nnharmony.records.model_folder import load_checkpoint_file
     from nnharmony.utils.io import load_json
 
     folder = Path(model_folder)

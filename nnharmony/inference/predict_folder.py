@@ -12,12 +12,7 @@ from typing import Iterator, Sequence
 from tqdm import tqdm
 
 from nnharmony.data.collection import CollectionSpec
-from nnharmony.paths import results_dir
 from nnharmony.utils.io import load_json, save_json_atomic
-
-
-def model_folder(collection: str, trainer: str, plans: str, configuration: str) -> Path:
-    return results_dir() / collection / f"{trainer}__{plans}__{configuration}"
 
 
 def _same_folder(a: Path, b: Path) -> bool:
@@ -63,14 +58,6 @@ def check_output_folder(output_folder: str | Path, input_folders: dict[str, str 
         where = "" if existing == out else f" (cannot create it in {existing})"
         raise ValueError(f"output folder {out} is not writable{where}: {e.strerror or e}") from None
     return out
-
-
-def default_configuration(collection: str, trainer: str, plans: str) -> str:
-    """The configuration to predict with when ``-cfg`` is not given: the only one trained, else 3d_fullres."""
-    prefix = f"{trainer}__{plans}__"
-    root = results_dir() / collection
-    trained = sorted(p.name[len(prefix):] for p in root.glob(prefix + "*") if p.is_dir()) if root.is_dir() else []
-    return trained[0] if len(trained) == 1 else "3d_fullres"
 
 
 def list_cases(input_folder: str | Path, file_ending: str, check_files: bool = True) -> dict[str, list[str]]:

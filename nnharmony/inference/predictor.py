@@ -92,8 +92,8 @@ class CollectionPredictor:
     def from_model_folder(cls, model_folder: str | os.PathLike, folds: Sequence[int | str] | None = None,
                           checkpoint_name: str = "checkpoint_final.pth", device: torch.device | str = "cpu",
                           **kwargs) -> "CollectionPredictor":
-        from nnharmony.trainers.checkpoint import load_checkpoint_file
-        from nnharmony.utils.find_class import find_trainer_class
+        from nnharmony.records.model_folder import load_checkpoint_file
+        from nnharmony.records.model_folder import find_trainer_class
 
         model_folder = Path(model_folder)
         if not (model_folder / "plans.json").is_file():

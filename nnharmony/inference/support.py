@@ -457,7 +457,7 @@ def load_universeg_models(model_dir: Path, folds: Sequence[str] | None, checkpoi
                           trainer_name: str = "UniverSegTrainer") -> tuple[list[torch.nn.Module], dict]:
     """The networks of ``model_dir/fold_F/checkpoint_name`` (all trained folds when ``folds`` is None) and their
     shared UniverSeg configuration (``checkpoint['nnharmony']['universeg']``)."""
-    from nnharmony.trainers.checkpoint import load_checkpoint_file
+    from nnharmony.records.model_folder import load_checkpoint_file
 
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: no trained model; run nnharmony_train ... -tr {trainer_name} first")
@@ -543,7 +543,7 @@ def write_mask(prob: np.ndarray, value: int, ref, target: Path) -> None:
 def predict_from_support(args, trainer_name: str = "UniverSegTrainer", run_record: dict | None = None) -> list[Path]:
     """``nnharmony_predict ... -tr UniverSegTrainer --support DIR``: see the module docstring. Returns the files
     written. ``run_record`` (the command's arguments) goes into ``predict_args.json`` with the model files."""
-    from nnharmony.inference.predict_folder import model_folder
+    from nnharmony.records.model_folder import model_folder
 
     _check_support_request(args, trainer_name)
     model_dir = model_folder(args.collection, args.tr, args.p, args.cfg)

@@ -25,7 +25,7 @@ from nnharmony.planners.joint_planner import build_joint_plans, joint_plans_iden
 from nnharmony.planners.preprocessed import preprocess_configuration, sync_gt_segmentations
 from nnharmony.planners.spec_options import apply_spec_options, build_options
 from nnharmony.planners.workers import nnunet_processes_bounded
-from nnharmony.utils.find_class import find_planner_class
+from nnharmony.records.model_folder import find_planner_class
 from nnharmony.utils.io import load_json, save_json_atomic
 
 DEFAULT_NUM_PROCESSES = {"2d": 4, "3d_fullres": 2}

@@ -3,7 +3,8 @@ modalities and/or new tasks, without disturbing what it already knows.
 
 1. The new collection is planned with ``nnharmony_plan_and_preprocess ... --extends OLD``: modality, task and
    domain ids of the old collection are kept and the joint network configuration is reused.
-2. The trainer's ``transfer_weights`` hook loads the old weights into the wider network (generic rule below;
+2. The trainer's ``transfer_weights`` hook loads the old weights into the wider network (generic rule in
+   :mod:`nnharmony.trainers.weight_transfer`;
    U-Harmony and Hermes extend their own modules), so old members' predictions are unchanged before
    fine-tuning (tested).
 3. The old members are validated (Dice before), the trainer's ``adaptation_parameters`` are fine-tuned on the
@@ -21,42 +22,6 @@ from nnharmony.data.collection import CollectionSpec, check_extends
 from nnharmony.utils.io import atomic_write, save_json_atomic
 
 
-def transfer_state_dict(old: dict, new: dict, old_spec: CollectionSpec, new_spec: CollectionSpec) -> dict:
-    """Old weights into the new network's state dict. Tensors of equal shape are copied. A tensor that grew
-    along an axis whose old/new sizes are the old/new numbers of modalities, tasks or domains gets the old
-    values in its leading slice (ids are kept by ``--extends``); the new slice keeps its fresh initialisation,
-    except new *input-channel* weights (axis 1), which are zeroed so that a new modality starts with no effect."""
-    counts = [(len(old_spec.modalities), len(new_spec.modalities)), (len(old_spec.tasks), len(new_spec.tasks)),
-              (len(old_spec.domains), len(new_spec.domains))]
-    out = dict(new)
-    for key, target in new.items():
-        if key not in old:
-            continue
-        src = old[key]
-        if src.shape == target.shape:
-            out[key] = src.clone()
-            continue
-        if src.ndim != target.ndim:
-            raise ValueError(f"cannot transfer {key}: {tuple(src.shape)} -> {tuple(target.shape)}")
-        merged = target.clone()
-        slices = []
-        for ax, (a, b) in enumerate(zip(src.shape, target.shape)):
-            if a == b:
-                slices.append(slice(None))
-            elif a < b and (a, b) in counts:
-                slices.append(slice(0, a))
-                if ax == 1 and target.ndim > 2:
-                    idx = [slice(None)] * target.ndim
-                    idx[1] = slice(a, b)
-                    merged[tuple(idx)] = 0
-            else:
-                raise ValueError(f"cannot transfer {key}: {tuple(src.shape)} -> {tuple(target.shape)} (axis {ax} "
-                                 f"is not a modality, task or domain axis of the extended collection)")
-        merged[tuple(slices)] = src
-        out[key] = merged
-    return out
-
-
 def _dice_table(summaries: dict[str, dict]) -> dict[str, dict[str, float]]:
     table = {}
     for member, summary in summaries.items():
@@ -70,8 +35,8 @@ def adapt_model(old_collection: str, new_collection: str, trainer_name: str, con
                 checkpoint: str = "checkpoint_final.pth", trainer_options: dict | None = None) -> dict:
     """Adapt, fine-tune and report. Returns the report dict (also written next to the new model).
     ``trainer_options``: trainer attributes for fine-tuning (as ``nnharmony_train --trainer-options``)."""
-    from nnharmony.inference.predict_folder import model_folder
-    from nnharmony.trainers.checkpoint import load_checkpoint_file
+    from nnharmony.records.model_folder import model_folder
+    from nnharmony.records.model_folder import load_checkpoint_file
     from nnharmony.trainers.run import TrainingOptions, apply_options, _device, build_trainer
     from nnharmony.trainers.validation import validate_members
 

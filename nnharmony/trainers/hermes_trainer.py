@@ -386,11 +386,10 @@ class HermesTrainer(nnHarmonyTrainer):
         extends = nnh.get("extends")
         if extends:
             # adaptation: the old model's network options, so that its weights fit the new network
-            from nnharmony.paths import results_dir
+            from nnharmony.records.model_folder import model_folder
             from nnharmony.utils.io import load_json
 
-            f = (results_dir() / extends / f"{type(self).__name__}__{self.plans_manager.plans_name}__{configuration}"
-                 / "plans.json")
+            f = model_folder(extends, type(self).__name__, self.plans_manager.plans_name, configuration) / "plans.json"
             if f.is_file():
                 return hermes_config_from_plans(load_json(f))
         return HermesConfig()
@@ -493,7 +492,7 @@ class HermesTrainer(nnHarmonyTrainer):
             self.initialize()
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, (str, os.PathLike)):
-            from nnharmony.trainers.checkpoint import load_checkpoint_file
+            from nnharmony.records.model_folder import load_checkpoint_file
 
             checkpoint = load_checkpoint_file(checkpoint, expected_trainer=type(self).__name__,
                                               expected_collection=self.spec)
@@ -661,10 +660,10 @@ class HermesTrainer(nnHarmonyTrainer):
         modality lists extend the old ones as a prefix. Every prior pool and the modality classifier are
         extended with their own ``extend`` (old tokens and the null / unknown tokens bit-identical, new
         tokens xavier-initialised); the backbone's input convolution gets zero weights for new modality
-        channels (``nnharmony.trainers.adapt.transfer_state_dict``); everything else is copied. The
+        channels (``nnharmony.trainers.weight_transfer.transfer_state_dict``); everything else is copied. The
         network's Parameter objects are kept (values are copied in), so an optimizer built before stays valid.
         Old members' predictions are therefore unchanged until fine-tuning."""
-        from nnharmony.trainers.adapt import transfer_state_dict
+        from nnharmony.trainers.weight_transfer import transfer_state_dict
 
         for what in ("tasks", "modalities"):
             a, b = getattr(old_spec, what), getattr(new_spec, what)

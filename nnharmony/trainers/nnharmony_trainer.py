@@ -31,7 +31,7 @@ from nnunetv2.utilities.helpers import dummy_context, empty_cache
 from nnharmony.data.collection import CollectionSpec
 from nnharmony.paths import COLLECTION_SPEC_FILE, preprocessed_dir
 from nnharmony.trainers import progress
-from nnharmony.trainers.checkpoint import load_checkpoint_file, save_trainer_checkpoint
+from nnharmony.records.model_folder import load_checkpoint_file, save_trainer_checkpoint
 from nnharmony.utils.labels import sigmoid_label_manager
 from nnharmony.trainers.losses import PartialLabelLoss, nnunet_deep_supervision_weights
 
@@ -117,8 +117,8 @@ class nnHarmonyTrainer(nnUNetTrainer):
     def transfer_weights(cls, old_state: dict, old_spec: CollectionSpec, new_spec: CollectionSpec,
                          network: torch.nn.Module) -> None:
         """Load a model of ``old_spec`` into ``network`` built for ``new_spec`` (which extends it): see
-        ``nnharmony.trainers.adapt.transfer_state_dict``."""
-        from nnharmony.trainers.adapt import transfer_state_dict
+        ``nnharmony.trainers.weight_transfer.transfer_state_dict``."""
+        from nnharmony.trainers.weight_transfer import transfer_state_dict
 
         network.load_state_dict(transfer_state_dict(old_state, network.state_dict(), old_spec, new_spec))
 

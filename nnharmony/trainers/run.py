@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from nnharmony.data.collection import CollectionError, CollectionSpec
 from nnharmony.paths import COLLECTION_SPEC_FILE, collection_dir, joint_plans_path, preprocessed_dir
-from nnharmony.utils.find_class import find_trainer_class
+from nnharmony.records.model_folder import find_trainer_class
 from nnharmony.utils.io import load_json
 
 

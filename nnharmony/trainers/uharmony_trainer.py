@@ -317,7 +317,7 @@ class UHarmonyTrainer(nnHarmonyTrainer):
         if not old:
             return None
         try:
-            from nnharmony.inference.predict_folder import model_folder
+            from nnharmony.records.model_folder import model_folder
 
             f = model_folder(old, cls.__name__, joint.get("plans_name", "nnHarmonyPlans"), configuration) / "plans.json"
             rec = (json.loads(f.read_text()).get("nnharmony") or {}).get("uharmony") if f.is_file() else None
@@ -386,7 +386,7 @@ class UHarmonyTrainer(nnHarmonyTrainer):
         return {"uharmony": self._config().to_dict()}
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        from nnharmony.trainers.checkpoint import load_checkpoint_file
+        from nnharmony.records.model_folder import load_checkpoint_file
 
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, (str, os.PathLike)):
