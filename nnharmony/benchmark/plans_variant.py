@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from nnharmony.records.joint_plan import JointPlan
 from nnharmony.utils.io import load_json, save_json_atomic
 
 
@@ -83,13 +84,13 @@ def write_variant(spec, joint_plans: str, configurations: Sequence[str], variant
     from nnharmony.paths import collection_dir, joint_plans_path, preprocessed_dir
 
     joint = load_json(joint_plans_path(spec.name, joint_plans))
-    member_ident = joint["nnharmony"]["member_plans_identifier"]
+    record = JointPlan(joint)
+    member_ident = record.member_plans_identifier
     for m in spec.members:
         folder = preprocessed_dir() / m.dataset_name
         plans = load_json(folder / f"{member_ident}.json")
         save_json_atomic(variant.apply(plans, configurations), folder / f"{variant.name(member_ident)}.json")
-    out = variant.apply(joint, configurations)
-    out["nnharmony"] = dict(joint["nnharmony"], member_plans_identifier=variant.name(member_ident))
+    out = JointPlan(variant.apply(joint, configurations)).with_member_plans_identifier(variant.name(member_ident))
     name = variant.name(joint["plans_name"])
     save_json_atomic(out, collection_dir(spec.name) / f"{name}.json")
     return name

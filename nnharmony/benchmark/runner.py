@@ -19,6 +19,7 @@ from nnharmony.benchmark.files import label_tasks, prediction_folders
 from nnharmony.benchmark.methods import Method, trainer_available
 from nnharmony.benchmark.options import BenchmarkOptions
 from nnharmony.benchmark.progress import Progress, Step
+from nnharmony.records.joint_plan import JointPlan
 from nnharmony.records.model_folder import model_folder
 from nnharmony.utils.io import load_json, save_json_atomic
 from nnharmony.utils.resources import cpu_seconds, own_peak_rss_mb, process_age_s, reset_peak_rss
@@ -250,7 +251,7 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
         if opts.plans_variant is not None:
             joint_plans = write_variant(spec, JOINT_PLANS_NAME, configurations, opts.plans_variant)
         joint = load_json(joint_plans_path(collection, joint_plans))
-        member_plans = joint["nnharmony"].get("member_plans_identifier", "nnUNetPlans")
+        member_plans = JointPlan(joint).member_plans_identifier
         folds = collection_fold(spec, opts.fold, configurations[0], member_plans)
         planning_s = time.perf_counter() - t0
         models_dir = report_dir / "models"

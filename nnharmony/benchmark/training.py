@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 from nnharmony.benchmark.budget import Budget, EpochsInMinutes
 from nnharmony.benchmark.methods import Method
 from nnharmony.benchmark.options import BenchmarkOptions
+from nnharmony.records.joint_plan import JointPlan
 
 CURVE_KEYS = {"train_loss": "train_losses", "val_loss": "val_losses", "pseudo_dice": "mean_fg_dice"}
 
@@ -271,7 +272,7 @@ def train_method(method: Method, collection: str, opts: BenchmarkOptions, budget
             run.trainer = trainer
             return run
         spec, joint, _ = load_collection(collection, t.plans)
-        ident = joint["nnharmony"]["member_plans_identifier"]
+        ident = JointPlan(joint).member_plans_identifier
         cls = _wall_clock_nnunet_trainer() if seconds is not None and not budget.fitted else None
         if cls is None:
             from nnharmony.records.model_folder import find_trainer_class

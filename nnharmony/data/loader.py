@@ -53,6 +53,7 @@ from nnharmony.data.collection import CollectionError, CollectionSpec, Member
 from nnharmony.data.sampling import MemberSampler, member_probabilities
 from nnharmony.data.splits import collection_fold
 from nnharmony.paths import preprocessed_dir
+from nnharmony.records.joint_plan import JointPlan
 from nnharmony.utils.io import load_json
 
 TRAIN_STREAM = 0
@@ -322,15 +323,10 @@ def member_plan_identifiers(spec, joint_plans: dict, configuration: str,
                             plans_identifier: str) -> tuple[dict[int, str], dict[int, str]]:
     """Per member index: the nnU-Net plans identifier and (where recorded) the data identifier of
     ``configuration``, as the joint plan records them (defaults: ``plans_identifier``, nnU-Net's own)."""
-    member_plans = joint_plans.get("nnharmony", {}).get("member_plans", {})
-    plans_ids, data_ids = {}, {}
-    for i, m in enumerate(spec.members):
-        entry = member_plans.get(str(m.dataset_id), {})
-        plans_ids[i] = entry.get("plans_identifier", plans_identifier)
-        did = entry.get("configurations", {}).get(configuration, {}).get("data_identifier")
-        if did is not None:
-            data_ids[i] = did
-    return plans_ids, data_ids
+    record = JointPlan(joint_plans)
+    plans_ids = {i: record.member_entry(m.dataset_id).get("plans_identifier", plans_identifier)
+                 for i, m in enumerate(spec.members)}
+    return plans_ids, record.data_identifiers((m.dataset_id for m in spec.members), configuration)
 
 
 def build_mixed_dataloaders(spec: CollectionSpec, joint_plans: dict, configuration: str, fold: int | str,
@@ -351,7 +347,7 @@ def build_mixed_dataloaders(spec: CollectionSpec, joint_plans: dict, configurati
     ``configure_rotation_dummyDA_mirroring_and_inital_patch_size`` (default: nnU-Net's, computed for the joint
     plans' shared patch size). ``trainer_class``: whose static ``get_training_transforms`` /
     ``get_validation_transforms`` build the pipelines (default ``nnUNetTrainer``). Each member's data come from
-    its own plans (``plans["nnharmony"]["member_plans"][id]["plans_identifier"]``, else ``plans_identifier``)
+    its own plans (as the :class:`~nnharmony.records.joint_plan.JointPlan` records them, else ``plans_identifier``)
     and data identifier. Like nnU-Net, one batch of each iterator is drawn before returning (``warm_up``) so
     that the workers are running.
     """

@@ -21,6 +21,7 @@ import torch
 from nnharmony.data.collection import CollectionSpec, Member
 from nnharmony.dataset_conversion.image_integrity import image_file_problem
 from nnharmony.paths import COLLECTION_SPEC_FILE, preprocessed_dir
+from nnharmony.records.joint_plan import JointPlan
 from nnharmony.utils.io import DiskFullError, disk_nearly_full, is_disk_full_error, load_json
 from nnharmony.utils.labels import sigmoid_label_manager
 
@@ -128,7 +129,7 @@ class CollectionPredictor:
             from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
             m = self.spec.members[member_index]
-            ident = self.joint_plans["nnharmony"]["member_plans"][str(m.dataset_id)]["plans_identifier"]
+            ident = JointPlan(self.joint_plans).member_entry(m.dataset_id)["plans_identifier"]
             pm = PlansManager(str(preprocessed_dir() / m.dataset_name / f"{ident}.json"))
             dj = load_json(preprocessed_dir() / m.dataset_name / "dataset.json")
             self._members[member_index] = MemberContext(

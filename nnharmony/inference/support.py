@@ -441,11 +441,12 @@ def universeg_from_weights_file(path: str | Path, device: torch.device | str = "
     Read with ``weights_only=True`` (:mod:`nnharmony.utils.safe_load`), so no code from the file runs; loaded
     strictly, so a file of another architecture is refused with its mismatching keys named.
     """
+    from nnharmony.records.model_folder import checkpoint_record
     from nnharmony.utils.safe_load import read_weights_file
 
     path = Path(path)
     content = read_weights_file(path, "UniverSeg weights file")
-    recorded = content.get("nnharmony", {}).get("universeg") if isinstance(content, dict) else None
+    recorded = (checkpoint_record(content) or {}).get("universeg")
     cfg = dict(recorded) if isinstance(recorded, dict) else dict(RELEASE_CONFIG)
     what = "this checkpoint's recorded UniverSeg" if recorded else \
         "the UniverSeg release architecture (2D, encoder blocks 64,64,64,64)"
@@ -457,14 +458,14 @@ def load_universeg_models(model_dir: Path, folds: Sequence[str] | None, checkpoi
                           trainer_name: str = "UniverSegTrainer") -> tuple[list[torch.nn.Module], dict]:
     """The networks of ``model_dir/fold_F/checkpoint_name`` (all trained folds when ``folds`` is None) and their
     shared UniverSeg configuration (``checkpoint['nnharmony']['universeg']``)."""
-    from nnharmony.records.model_folder import load_checkpoint_file
+    from nnharmony.records.model_folder import checkpoint_record, load_checkpoint_file
 
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: no trained model; run nnharmony_train ... -tr {trainer_name} first")
     networks, config = [], None
     for d in universeg_fold_dirs(model_dir, folds, checkpoint_name):
         ckpt = load_checkpoint_file(d / checkpoint_name, expected_trainer=trainer_name)
-        cfg = ckpt["nnharmony"].get("universeg")
+        cfg = checkpoint_record(ckpt).get("universeg")
         if cfg is None:
             raise ValueError(f"{d / checkpoint_name}: no UniverSeg configuration recorded in the checkpoint")
         key = {k: cfg[k] for k in ("dim", "image_size", "in_channels")}

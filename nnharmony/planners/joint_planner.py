@@ -29,6 +29,7 @@ import numpy as np
 
 from nnharmony.data.collection import CollectionError, CollectionSpec
 from nnharmony.paths import JOINT_PLANS_NAME, preprocessed_dir
+from nnharmony.records.joint_plan import JointPlan
 from nnharmony.utils.io import load_json
 
 SUPPORTED_CONFIGURATIONS = ("3d_fullres", "2d")
@@ -154,13 +155,8 @@ def build_joint_plans(
         "experiment_planner_used": planner_class.__name__,
         "label_manager": "LabelManager",
         "foreground_intensity_properties_per_channel": {},
-        "nnharmony": {
-            "collection": spec.name,
-            "member_plans_identifier": plans_identifier,
-            "member_plans": {},
-            "reconciliation": {},
-        },
     }
+    record = JointPlan.create(joint, spec.name, plans_identifier)
     for configuration in configurations:
         if configuration not in SUPPORTED_CONFIGURATIONS:
             raise CollectionError(
@@ -168,12 +164,12 @@ def build_joint_plans(
                 f"(supported: {', '.join(SUPPORTED_CONFIGURATIONS)})"
             )
         with planner_threads():
-            planned, record = reconcile_configuration(spec, member_plans, configuration, planner)
+            planned, reconciliation = reconcile_configuration(spec, member_plans, configuration, planner)
         joint["configurations"][configuration] = planned
-        joint["nnharmony"]["reconciliation"][configuration] = record
+        record.set_reconciliation(configuration, reconciliation)
     for m in spec.members:
         p = member_plans[m.dataset_id]
-        joint["nnharmony"]["member_plans"][str(m.dataset_id)] = {
+        record.set_member_entry(m.dataset_id, {
             "plans_identifier": plans_identifier,
             "transpose_forward": p["transpose_forward"],
             "configurations": {
@@ -184,5 +180,5 @@ def build_joint_plans(
                 }
                 for c in configurations
             },
-        }
+        })
     return joint

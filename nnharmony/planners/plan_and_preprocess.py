@@ -25,6 +25,7 @@ from nnharmony.planners.joint_planner import build_joint_plans, joint_plans_iden
 from nnharmony.planners.preprocessed import preprocess_configuration, sync_gt_segmentations
 from nnharmony.planners.spec_options import apply_spec_options, build_options
 from nnharmony.planners.workers import nnunet_processes_bounded
+from nnharmony.records.joint_plan import JointPlan
 from nnharmony.records.model_folder import find_planner_class
 from nnharmony.utils.io import load_json, save_json_atomic
 
@@ -184,7 +185,7 @@ def plan_and_preprocess_collection(
     joint_file = target / f"{joint_plans_identifier(plans_identifier)}.json"
     previous_joint = load_json(joint_file) if existing is not None and not clean and _json_readable(joint_file) else None
     if extends is None and previous_joint is not None:
-        extends = previous_joint.get("nnharmony", {}).get("extends")  # an extended collection stays extended
+        extends = JointPlan(previous_joint).extends  # an extended collection stays extended
     base = base_joint = None
     if extends is not None:
         from nnharmony.data.collection import check_extends
@@ -217,7 +218,7 @@ def plan_and_preprocess_collection(
             if c not in base_joint["configurations"]:
                 raise CollectionError(f"collection {extends} has no '{c}' configuration to extend")
             joint["configurations"][c] = base_joint["configurations"][c]
-        joint["nnharmony"]["extends"] = extends
+        JointPlan(joint).extends = extends
     if clean and target.exists() and existing is None:
         shutil.rmtree(target)
     target.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,8 @@ from nnharmony.networks.hermes import (
 from nnharmony.networks.hermes_loss import HermesLoss
 from nnharmony.trainers.losses import nnunet_deep_supervision_weights
 from nnharmony.trainers.lr_schedules import WarmupPolyLRScheduler
+from nnharmony.records.joint_plan import JointPlan
+from nnharmony.records.model_folder import checkpoint_record
 from nnharmony.trainers.nnharmony_trainer import nnHarmonyTrainer
 
 __all__ = ["HermesConfig", "HermesCollectionUNet", "HermesTrainer", "HermesResEncTrainer", "RESENC_M_BLOCKS"]
@@ -221,9 +223,13 @@ class HermesConfig:
 
 
 def hermes_config_from_plans(plans: Mapping) -> HermesConfig:
-    """The configuration a model was trained with (``plans["nnharmony"]["hermes"]``), defaults if absent. A
+    """The configuration a model was trained with (the joint plans' ``hermes`` record), defaults if absent. A
     record without ``input_mode`` is a model trained before the shared input existed: 'per_slot'."""
-    record = (plans.get("nnharmony") or {}).get("hermes")
+    return hermes_config_from_record(JointPlan(plans).method_record("hermes"))
+
+
+def hermes_config_from_record(record: Mapping | None) -> HermesConfig:
+    """:func:`hermes_config_from_plans` of a ``hermes`` record itself."""
     if record is not None and "input_mode" not in record:
         record = {**record, "input_mode": "per_slot"}
     return HermesConfig.from_value(record)
@@ -380,18 +386,13 @@ class HermesTrainer(nnHarmonyTrainer):
         self.task_width = max(len(self.spec.task_ids(m.dataset_id)) for m in self.spec.members)
 
     def _initial_hermes_config(self, configuration: str) -> HermesConfig:
-        nnh = self.plans_manager.plans.get("nnharmony") or {}
-        if nnh.get("hermes") is not None:
-            return HermesConfig.from_value(nnh["hermes"])
-        extends = nnh.get("extends")
-        if extends:
-            # adaptation: the old model's network options, so that its weights fit the new network
-            from nnharmony.records.model_folder import model_folder
-            from nnharmony.utils.io import load_json
-
-            f = model_folder(extends, type(self).__name__, self.plans_manager.plans_name, configuration) / "plans.json"
-            if f.is_file():
-                return hermes_config_from_plans(load_json(f))
+        joint = self.joint_plan
+        if joint.method_record("hermes") is not None:
+            return HermesConfig.from_value(joint.method_record("hermes"))
+        # adaptation: the old model's network options, so that its weights fit the new network
+        old = joint.extended_model_record("hermes", type(self).__name__, configuration)
+        if old is not None:
+            return hermes_config_from_record(old)
         return HermesConfig()
 
     # ------------------------------------------------------------------ network
@@ -433,8 +434,7 @@ class HermesTrainer(nnHarmonyTrainer):
                 self.enable_deep_supervision = False  # the official Hermes-R has one output
             # record the configuration in the joint plans: saved as the model folder's plans.json, read back by
             # the static network builder at inference, validation, analysis and adaptation
-            plans = self.plans_manager.plans
-            plans["nnharmony"] = {**plans["nnharmony"], "hermes": self.hermes.to_dict()}
+            self.joint_plan.set_method_record("hermes", self.hermes.to_dict())
         super().initialize()
         decay = HermesConfig.from_value(self.hermes).resolved_ema_decay()
         self.ema = WeightEMA(self.unwrapped_network(), decay) if decay else None
@@ -496,7 +496,7 @@ class HermesTrainer(nnHarmonyTrainer):
 
             checkpoint = load_checkpoint_file(checkpoint, expected_trainer=type(self).__name__,
                                               expected_collection=self.spec)
-        record = (checkpoint.get("nnharmony") or {}).get("ema")
+        record = (checkpoint_record(checkpoint) or {}).get("ema")
         if self.ema is None or record is None:
             return super().load_checkpoint(checkpoint)
         super().load_checkpoint({**checkpoint, "network_weights": record["training_weights"]})

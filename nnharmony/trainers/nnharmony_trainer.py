@@ -31,6 +31,7 @@ from nnunetv2.utilities.helpers import dummy_context, empty_cache
 from nnharmony.data.collection import CollectionSpec
 from nnharmony.paths import COLLECTION_SPEC_FILE, preprocessed_dir
 from nnharmony.trainers import progress
+from nnharmony.records.joint_plan import JointPlan
 from nnharmony.records.model_folder import load_checkpoint_file, save_trainer_checkpoint
 from nnharmony.utils.labels import sigmoid_label_manager
 from nnharmony.trainers.losses import PartialLabelLoss, nnunet_deep_supervision_weights
@@ -69,9 +70,16 @@ class nnHarmonyTrainer(nnUNetTrainer):
         self._epoch_durations: list[float] = []
         # the preprocessed data live in the members' folders; point nnU-Net at the first one for its dataset class
         first = self.spec.members[0]
-        member_cfg = self.plans_manager.plans["nnharmony"]["member_plans"][str(first.dataset_id)]["configurations"][
-            configuration]
-        self.preprocessed_dataset_folder = join(preprocessed_dir(), first.dataset_name, member_cfg["data_identifier"])
+        data_identifier = self.joint_plan.data_identifier(first.dataset_id, configuration)
+        if data_identifier is None:
+            raise ValueError(f"the joint plans record no '{configuration}' data of {first.dataset_name}; re-run "
+                             f"nnharmony_plan_and_preprocess for the collection")
+        self.preprocessed_dataset_folder = join(preprocessed_dir(), first.dataset_name, data_identifier)
+
+    @property
+    def joint_plan(self) -> JointPlan:
+        """The view of this trainer's joint plans' nnharmony record (members, data identifiers, method records)."""
+        return JointPlan(self.plans_manager.plans)
 
     # ------------------------------------------------------------------ network and loss
     def _build_loss(self):
@@ -138,7 +146,7 @@ class nnHarmonyTrainer(nnUNetTrainer):
             self.spec, self.plans_manager.plans, self.configuration_name, self.fold, self.batch_size,
             self._get_deep_supervision_scales(), seed=self.sampling_seed, rank=self.local_rank, world_size=world,
             oversample_foreground_percent=self.oversample_foreground_percent,
-            plans_identifier=self.plans_manager.plans["nnharmony"]["member_plans_identifier"],
+            plans_identifier=self.joint_plan.member_plans_identifier,
             da_params=da_params, trainer_class=type(self), pin_memory=self.device.type == "cuda",
         )
 
@@ -390,20 +398,17 @@ class nnHarmonyTrainer(nnUNetTrainer):
 def check_joint_plans(trainer_name: str, plans: dict) -> None:
     """Collection trainers need a collection's joint plans; plain ``nnUNetv2_train DATASET ... -tr`` gives them a
     member's own plans, which used to fail with ``KeyError: 'regions_class_order'`` deep inside."""
-    if "nnharmony" not in plans:
-        raise ValueError(
-            f"{trainer_name} trains a collection: the plans {plans.get('plans_name')!r} of "
-            f"{plans.get('dataset_name')!r} are not a collection's joint plans. Train it with nnharmony_train "
-            f"COLLECTION CONFIGURATION FOLD -tr {trainer_name}; a single dataset trains with nnUNetv2_train DATASET "
-            f"CONFIGURATION FOLD -tr nnUNetTrainer")
+    JointPlan.require(
+        plans,
+        f"{trainer_name} trains a collection: the plans {plans.get('plans_name')!r} of "
+        f"{plans.get('dataset_name')!r} are not a collection's joint plans. Train it with nnharmony_train "
+        f"COLLECTION CONFIGURATION FOLD -tr {trainer_name}; a single dataset trains with nnUNetv2_train DATASET "
+        f"CONFIGURATION FOLD -tr nnUNetTrainer")
 
 
 def load_collection_spec(plans: dict) -> CollectionSpec:
     """The spec of the collection the joint plans belong to, with a clear error if it is not a joint plan."""
-    if "nnharmony" not in plans:
-        raise ValueError(
-            f"plans {plans.get('plans_name')!r} of {plans.get('dataset_name')!r} are not nnharmony joint plans; "
-            f"run nnharmony_plan_and_preprocess first"
-        )
+    JointPlan.require(plans, f"plans {plans.get('plans_name')!r} of {plans.get('dataset_name')!r} are not "
+                             f"nnharmony joint plans; run nnharmony_plan_and_preprocess first")
     f = preprocessed_dir() / plans["dataset_name"] / COLLECTION_SPEC_FILE
     return CollectionSpec.load(f)

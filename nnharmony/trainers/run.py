@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from nnharmony.data.collection import CollectionError, CollectionSpec
 from nnharmony.paths import COLLECTION_SPEC_FILE, collection_dir, joint_plans_path, preprocessed_dir
+from nnharmony.records.joint_plan import JointPlan
 from nnharmony.records.model_folder import find_trainer_class
 from nnharmony.utils.io import load_json
 
@@ -169,7 +170,7 @@ def run_per_dataset(opts: TrainingOptions, cls: type) -> None:
     """Per-dataset paradigm: plain nnU-Net training of ``cls`` on every member with the member's own plans."""
     spec, joint, _ = load_collection(opts.collection, opts.plans)
     device = _device(opts)
-    ident = joint["nnharmony"]["member_plans_identifier"]
+    ident = JointPlan(joint).member_plans_identifier
     for m in spec.members:
         plans = load_json(preprocessed_dir() / m.dataset_name / f"{ident}.json")
         plans["continue_training"] = opts.continue_training

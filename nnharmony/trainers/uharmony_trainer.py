@@ -66,6 +66,8 @@ from nnharmony.networks.uharmony import (
     adaptation_parameters as uharmony_adaptation_parameters,
     widen_input_channels,
 )
+from nnharmony.records.joint_plan import JointPlan
+from nnharmony.records.model_folder import checkpoint_record
 from nnharmony.trainers.lr_schedules import ScaledPolyLRScheduler
 from nnharmony.trainers.nnharmony_trainer import load_collection_spec, nnHarmonyTrainer
 
@@ -234,9 +236,9 @@ class UHarmonyConfig:
 
 
 def uharmony_config_from_plans(plans: Mapping, defaults: Mapping[str, Any] | None = None) -> UHarmonyConfig:
-    """The configuration recorded in ``plans["nnharmony"]["uharmony"]`` (a model folder's plans.json), else
+    """The configuration recorded in the joint plans' ``uharmony`` record (a model folder's plans.json), else
     ``defaults`` (a trainer class's ``uharmony_defaults``) over the dataclass defaults."""
-    record = (plans.get("nnharmony") or {}).get("uharmony")
+    record = JointPlan(plans).method_record("uharmony")
     base = UHarmonyConfig().updated(dict(defaults or {}))
     return base.updated(record) if record is not None else base
 
@@ -298,10 +300,9 @@ class UHarmonyTrainer(nnHarmonyTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        joint = self.plans_manager.plans
-        record = (joint.get("nnharmony") or {}).get("uharmony")
+        record = self.joint_plan.method_record("uharmony")
         if record is None:
-            record = self._record_of_extended_model(joint, configuration)
+            record = self._record_of_extended_model(self.plans_manager.plans, configuration)
         base = UHarmonyConfig().updated(dict(type(self).uharmony_defaults))
         #: the configuration a dict in ``uharmony`` (``--trainer-options``) is applied to
         self._uharmony_base = base.updated(record) if record is not None else base
@@ -313,16 +314,7 @@ class UHarmonyTrainer(nnHarmonyTrainer):
     def _record_of_extended_model(cls, joint: Mapping, configuration: str) -> dict | None:
         """A collection planned ``--extends OLD`` inherits the U-Harmony options of OLD's model of this
         trainer (``nnharmony_adapt`` loads that model), so the adapted network matches its weights."""
-        old = (joint.get("nnharmony") or {}).get("extends")
-        if not old:
-            return None
-        try:
-            from nnharmony.records.model_folder import model_folder
-
-            f = model_folder(old, cls.__name__, joint.get("plans_name", "nnHarmonyPlans"), configuration) / "plans.json"
-            rec = (json.loads(f.read_text()).get("nnharmony") or {}).get("uharmony") if f.is_file() else None
-        except (OSError, ValueError, RuntimeError):
-            return None
+        rec = JointPlan(joint).extended_model_record("uharmony", cls.__name__, configuration)
         if rec is None:
             return None
         return {k: v for k, v in rec.items() if k != "num_domains"}
@@ -378,8 +370,7 @@ class UHarmonyTrainer(nnHarmonyTrainer):
             self.uharmony = cfg
             # record the configuration in the joint plans: saved as the model folder's plans.json, read back by the
             # static network builder at inference, validation and adaptation
-            plans = self.plans_manager.plans
-            plans["nnharmony"] = {**plans["nnharmony"], "uharmony": cfg.to_dict()}
+            self.joint_plan.set_method_record("uharmony", cfg.to_dict())
         super().initialize()
 
     def extra_checkpoint_state(self) -> dict:
@@ -392,7 +383,7 @@ class UHarmonyTrainer(nnHarmonyTrainer):
         if isinstance(checkpoint, (str, os.PathLike)):
             checkpoint = load_checkpoint_file(checkpoint, expected_trainer=self.__class__.__name__,
                                               expected_collection=self.spec)
-        saved = (checkpoint.get("nnharmony") or {}).get("uharmony")
+        saved = (checkpoint_record(checkpoint) or {}).get("uharmony")
         if saved is not None:
             mine = self._config().architecture()
             theirs = {k: saved.get(k) for k in UHarmonyConfig.ARCHITECTURE}

@@ -80,6 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import distributed as dist, nn
 
+from nnharmony.records.joint_plan import JointPlan
 from nnharmony.trainers.nnharmony_trainer import nnHarmonyTrainer
 
 DEFAULT_IMAGE_SIZE = {2: 128, 3: 32}
@@ -145,7 +146,7 @@ class UniverSegTrainer(nnHarmonyTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False
         self.dim = len(self.configuration_manager.patch_size)
-        rec = dict(self.plans_manager.plans.get("nnharmony", {}).get("universeg") or {})
+        rec = dict(self.joint_plan.method_record("universeg") or {})
         self.holdout: list = list(rec.get("holdout", []))
         self.image_size = rec.get("image_size")
         self.support_size = int(rec.get("support_size", 8))
@@ -271,8 +272,7 @@ class UniverSegTrainer(nnHarmonyTrainer):
                 self.fit_support_size()
             cfg = self.universeg_config()
             self.episode_config()  # validates the episode options before anything is built
-            plans = self.plans_manager.plans
-            plans["nnharmony"] = {**plans["nnharmony"], "universeg": cfg}
+            self.joint_plan.set_method_record("universeg", cfg)
         super().initialize()
         self.batch_size = self._episode_batch_size()
 
@@ -333,7 +333,7 @@ class UniverSegTrainer(nnHarmonyTrainer):
         single-channel and binary, the task comes from the support set."""
         from nnharmony.networks.universeg import UniverSeg
 
-        cfg = plans_manager.plans.get("nnharmony", {}).get("universeg") or {}
+        cfg = JointPlan(plans_manager.plans).method_record("universeg") or {}
         dim = int(cfg.get("dim", len(configuration_manager.patch_size)))
         dec = cfg.get("decoder_blocks")
         return UniverSeg(encoder_blocks=_blocks(cfg.get("encoder_blocks", [64, 64, 64, 64])),
@@ -364,7 +364,7 @@ class UniverSegTrainer(nnHarmonyTrainer):
             self.spec, self.plans_manager.plans, self.configuration_name, self.fold, self._episode_batch_size(),
             self.episode_config(), holdout=self.holdout, seed=self.sampling_seed, rank=self.local_rank,
             num_processes=self.num_workers, pin_memory=self.device.type == "cuda",
-            plans_identifier=self.plans_manager.plans["nnharmony"]["member_plans_identifier"])
+            plans_identifier=self.joint_plan.member_plans_identifier)
 
     # ------------------------------------------------------------------ steps
     def _episode_to_device(self, batch: dict):
@@ -425,10 +425,9 @@ class UniverSegTrainer(nnHarmonyTrainer):
         import os
 
         cfg = self.universeg_config()
-        joint = self.plans_manager.plans["nnharmony"]
-        ident = joint["member_plans_identifier"]
-        data_ids = {i: joint["member_plans"][str(m.dataset_id)]["configurations"][self.configuration_name][
-            "data_identifier"] for i, m in enumerate(self.spec.members)}
+        joint = self.joint_plan
+        ident = joint.member_plans_identifier
+        data_ids = joint.data_identifiers((m.dataset_id for m in self.spec.members), self.configuration_name)
         folds = collection_fold(self.spec, self.fold, self.configuration_name, ident, data_identifiers=data_ids)
         held = set(resolve_holdout(self.spec, self.holdout))
         S = int(self.validation_support_size or self.support_size)

@@ -25,10 +25,9 @@ def validate_members(trainer, save_probabilities: bool = False) -> dict[str, dic
         [trainer.unwrapped_network().state_dict()], trainer.device,
         inference_allowed_mirroring_axes=trainer.inference_allowed_mirroring_axes)
     summaries = {}
-    joint = trainer.plans_manager.plans["nnharmony"]
-    data_ids = {i: joint["member_plans"][str(m.dataset_id)]["configurations"][trainer.configuration_name]["data_identifier"]
-                for i, m in enumerate(trainer.spec.members)}
-    folds = collection_fold(trainer.spec, trainer.fold, trainer.configuration_name, joint["member_plans_identifier"],
+    joint = trainer.joint_plan
+    data_ids = joint.data_identifiers((m.dataset_id for m in trainer.spec.members), trainer.configuration_name)
+    folds = collection_fold(trainer.spec, trainer.fold, trainer.configuration_name, joint.member_plans_identifier,
                             data_identifiers=data_ids)
     total = sum(len(val_ids) for _, val_ids in folds.values())
     trainer.print_to_log_file(f"final validation: {total} cases of {len(folds)} members")
