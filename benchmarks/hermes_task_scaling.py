@@ -25,8 +25,8 @@ from torch import nn
 
 from nnharmony.utils.resources import own_peak_rss_mb
 from nnharmony.networks.hermes import HermesUNet
-from nnharmony.networks.hermes_loss import HermesLoss
-from nnharmony.trainers.losses import PartialLabelLoss, nnunet_deep_supervision_weights
+from nnharmony.losses.hermes import HermesLoss
+from nnharmony.losses.partial_label import PartialLabelLoss, nnunet_deep_supervision_weights
 
 
 def unet(num_outputs: int, n_stages: int, in_ch: int = 1) -> PlainConvUNet:

@@ -74,7 +74,7 @@ def worker(args) -> dict:
         from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-        from nnharmony.trainers.losses import nnunet_deep_supervision_weights
+        from nnharmony.losses.partial_label import nnunet_deep_supervision_weights
 
         pm, cm = trainer.plans_manager, trainer.configuration_manager
         net = nnUNetTrainer.build_network_architecture(pm, cm, trainer.num_input_channels, trainer.spec.num_tasks + 1,

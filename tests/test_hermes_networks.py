@@ -18,7 +18,7 @@ from nnharmony.networks.hermes import (
     hermes_fusion_stages,
     task_ids_from_mask,
 )
-from nnharmony.networks.hermes_loss import HermesLoss, adaptive_dice, masked_bce
+from nnharmony.losses.hermes import HermesLoss, adaptive_dice, masked_bce
 
 torch.set_num_threads(1)
 

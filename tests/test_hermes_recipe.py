@@ -13,15 +13,13 @@ import torch
 
 from test_hermes_trainer import SMALL, SPEC, build, fake_trainer, make_batch
 
+from nnharmony.networks.hermes_collection import occupied_slots, shared_input_layout, slot_table
 from nnharmony.trainers.hermes_trainer import (
     HermesConfig,
     HermesTrainer,
     WarmupPolyLRScheduler,
     WeightEMA,
     hermes_config_from_plans,
-    occupied_slots,
-    shared_input_layout,
-    slot_table,
 )
 from nnharmony.trainers.nnharmony_trainer import nnHarmonyTrainer
 

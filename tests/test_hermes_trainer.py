@@ -14,8 +14,8 @@ import torch
 
 from nnharmony.data.collection import CollectionSpec
 from nnharmony.networks.hermes import HermesUNet
+from nnharmony.networks.hermes_collection import HermesCollectionUNet
 from nnharmony.trainers.hermes_trainer import (
-    HermesCollectionUNet,
     HermesConfig,
     HermesResEncTrainer,
     HermesTrainer,

@@ -1,7 +1,7 @@
 """The partial-label loss only sees tasks annotated in each sample's dataset."""
 import torch
 
-from nnharmony.trainers.losses import PartialLabelLoss, masked_bce, masked_soft_dice, nnunet_deep_supervision_weights
+from nnharmony.losses.partial_label import PartialLabelLoss, masked_bce, masked_soft_dice, nnunet_deep_supervision_weights
 
 
 def _batch(seed=0):

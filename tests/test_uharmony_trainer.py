@@ -18,7 +18,7 @@ from torch import nn
 
 from nnharmony.data.collection import CollectionSpec
 from nnharmony.networks.uharmony import UHarmonyNet, UHarmonyNorm
-from nnharmony.trainers.losses import PartialLabelLoss
+from nnharmony.losses.partial_label import PartialLabelLoss
 from nnharmony.trainers.uharmony_trainer import (
     UHarmonyConfig,
     UHarmonyDomainRestorationTrainer,

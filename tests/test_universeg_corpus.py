@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nnharmony.data.episodes import EpisodeConfig, InTaskAugmentation, build_episode_dataloaders
-from nnharmony.networks.task_augmentation import label_edge_map, task_augment
+from nnharmony.data.task_augmentation import label_edge_map, task_augment
 from nnharmony.trainers.universeg_trainer import PRESETS, UniverSegTrainer
 
 HOLDOUT = 902

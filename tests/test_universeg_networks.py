@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from nnharmony.networks.cross_conv import CrossConv, CrossConv3d
-from nnharmony.networks.task_augmentation import (
+from nnharmony.data.task_augmentation import (
     flip,
     label_edge_map,
     random_flip,

@@ -48,12 +48,12 @@ brightness, contrast and gamma, implemented with batched torch ops instead of ba
 runs on the resized [0, 1] images of a whole episode at once; no elastic deformation, off by default in
 nnU-Net too), then, with probability ``shared_augmentation_prob`` per episode, ONE draw of the same
 transforms for all images of the episode (a task augmentation: a new task, not a perturbed image), then
-**task augmentation** (:func:`nnharmony.networks.task_augmentation.task_augment`: one flip / intensity
+**task augmentation** (:func:`nnharmony.data.task_augmentation.task_augment`: one flip / intensity
 inversion / label edge-map (morphological or Sobel) / label inversion decision for all images of an
 episode). The support size is fixed (``support_size``) or drawn per batch uniformly in
 [``min_support_size``, ``support_size``] (all episodes of a batch share it, so they stack). With probability
 ``synthetic_task_prob`` an episode is replaced by a random-shape task
-(:func:`~nnharmony.networks.task_augmentation.synthetic_task`), which gets both augmentations as well.
+(:func:`~nnharmony.data.task_augmentation.synthetic_task`), which gets both augmentations as well.
 
 Batch (dict, CPU tensors)::
 
@@ -597,7 +597,7 @@ class EpisodeLoader(DataLoader):
         return x, y
 
     def generate_train_batch(self) -> dict:
-        from nnharmony.networks.task_augmentation import synthetic_task, task_augment
+        from nnharmony.data.task_augmentation import synthetic_task, task_augment
 
         self._ensure_rngs()
         cfg = self.config

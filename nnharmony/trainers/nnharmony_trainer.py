@@ -34,7 +34,7 @@ from nnharmony.trainers import progress
 from nnharmony.records.joint_plan import JointPlan
 from nnharmony.records.model_folder import load_checkpoint_file, save_trainer_checkpoint
 from nnharmony.utils.labels import sigmoid_label_manager
-from nnharmony.trainers.losses import PartialLabelLoss, nnunet_deep_supervision_weights
+from nnharmony.losses.partial_label import PartialLabelLoss, nnunet_deep_supervision_weights
 
 
 class nnHarmonyTrainer(nnUNetTrainer):

@@ -68,6 +68,7 @@ from nnharmony.networks.uharmony import (
 )
 from nnharmony.records.joint_plan import JointPlan
 from nnharmony.records.model_folder import checkpoint_record
+from nnharmony.trainers.backbones import RESENC_CLASS, RESENC_M_BLOCKS, planned_backbone, resenc_backbone  # noqa: F401
 from nnharmony.trainers.lr_schedules import ScaledPolyLRScheduler
 from nnharmony.trainers.nnharmony_trainer import load_collection_spec, nnHarmonyTrainer
 
@@ -75,9 +76,6 @@ __all__ = ["UHarmonyConfig", "UHarmonyTrainer", "UHarmonyResEncTrainer", "UHarmo
            "UHarmonyDomainRestorationTrainer", "uharmony_config_from_plans", "gate_probabilities", "gate_embeddings",
            "gate_parameters", "ScaledPolyLRScheduler"]
 
-#: nnU-Net ResEnc-M residual blocks per encoder stage (``nnUNetPlannerResEncM``), truncated to the stages
-RESENC_M_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6)
-RESENC_CLASS = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
 TRAIN_GATE_MODES = ("soft", "oracle", "uniform")
 
 
@@ -330,12 +328,7 @@ class UHarmonyTrainer(nnHarmonyTrainer):
     @staticmethod
     def backbone_from_plans(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
                             enable_deep_supervision: bool) -> nn.Module:
-        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
-        cm = configuration_manager
-        return get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                                      cm.network_arch_init_kwargs_req_import, num_input_channels,
-                                      num_output_channels, allow_init=True, deep_supervision=enable_deep_supervision)
+        return planned_backbone(configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision)
 
     @classmethod
     def _build(cls, plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
@@ -679,17 +672,7 @@ class UHarmonyResEncTrainer(UHarmonyTrainer):
     @staticmethod
     def backbone_from_plans(plans_manager, configuration_manager, num_input_channels: int, num_output_channels: int,
                             enable_deep_supervision: bool) -> nn.Module:
-        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
-        cm = configuration_manager
-        kwargs = dict(cm.network_arch_init_kwargs)
-        if cm.network_arch_class_name.split(".")[-1] != "ResidualEncoderUNet":
-            n = int(kwargs["n_stages"])
-            kwargs.pop("n_conv_per_stage", None)
-            kwargs["n_blocks_per_stage"] = [RESENC_M_BLOCKS[min(i, len(RESENC_M_BLOCKS) - 1)] for i in range(n)]
-        return get_network_from_plans(RESENC_CLASS, kwargs, cm.network_arch_init_kwargs_req_import,
-                                      num_input_channels, num_output_channels, allow_init=True,
-                                      deep_supervision=enable_deep_supervision)
+        return resenc_backbone(configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision)
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
