@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from nnharmony.benchmark.methods import Method
+from nnharmony.records.model_folder import model_folder
 
 
 def safe_name(name: str) -> str:
@@ -39,7 +40,8 @@ def prediction_folders(method: Method, spec, models_dir: Path, report_dir: Path,
     method: the parent folder of one sub-folder per label."""
     fold_dir = f"fold_{fold}"
     if method.paradigm == "per-dataset":
-        return {m.dataset_name: model_folder(m.dataset_name, trainer_class, member_plans, configuration, models_dir) / fold_dir / "validation" for m in spec.members}
+        return {m.dataset_name: model_folder(m.dataset_name, trainer_class, member_plans, configuration, models_dir)
+                / fold_dir / "validation" for m in spec.members}
     if method.paradigm == "in-context":
         return {m.dataset_name: report_dir / "predictions" / method.name / m.dataset_name for m in spec.members}
     base = model_folder(spec.name, method.trainer, joint_plans, configuration, models_dir) / fold_dir
