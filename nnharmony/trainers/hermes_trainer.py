@@ -47,7 +47,7 @@ prototype head, modality classifier; the U-Net backbone is frozen).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -66,7 +66,7 @@ from nnharmony.networks.hermes import (
     task_ids_from_mask,
 )
 from nnharmony.networks.hermes_collection import HermesCollectionUNet, occupied_slots, shared_input_layout, slot_table
-from nnharmony.records.joint_plan import JointPlan
+from nnharmony.records.method_config import MethodConfig
 from nnharmony.records.model_folder import checkpoint_record
 from nnharmony.trainers.backbones import RESENC_CLASS, RESENC_M_BLOCKS, planned_backbone, resenc_backbone  # noqa: F401
 from nnharmony.trainers.lr_schedules import WarmupPolyLRScheduler
@@ -85,8 +85,9 @@ OFFICIAL_EMA_DECAY = 0.99
 # configuration
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
-class HermesConfig:
-    """All Hermes options in one place (defaults = the paper's Hermes-R, METHODS.md B).
+class HermesConfig(MethodConfig):
+    """All Hermes options in one place (defaults = the paper's Hermes-R, METHODS.md B); a
+    :class:`~nnharmony.records.method_config.MethodConfig` (from and to the plans, from a checkpoint).
 
     Network (changing them changes the checkpoint's shapes; recorded in the model's ``plans.json``):
 
@@ -126,6 +127,8 @@ class HermesConfig:
     official code uses the unknown token only for AMOS-MR): it trains the token and the modality head that
     ``--dataset auto`` relies on; 0 restores the official behaviour.
     """
+
+    NAME = "hermes"
 
     encoder_blocks: tuple = (2, 2, 4)
     decoder_blocks: tuple = (2, 2)
@@ -175,25 +178,13 @@ class HermesConfig:
             raise ValueError("hermes: ema_decay must be in [0, 1) (or null)")
 
     @classmethod
-    def from_value(cls, value: "HermesConfig | Mapping[str, Any] | None") -> "HermesConfig":
-        """A config from itself, a dict (``--trainer-options`` JSON, plans) or None (defaults); unknown keys
-        are an error that lists the known ones."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if not isinstance(value, Mapping):
-            raise ValueError(f"hermes options must be a JSON object, got {value!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"unknown hermes option(s) {unknown}; known: {sorted(known)}")
-        return cls(**dict(value))
+    def option_names(cls) -> list[str]:
+        return sorted(f.name for f in fields(cls))
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["encoder_blocks"], d["decoder_blocks"] = list(self.encoder_blocks), list(self.decoder_blocks)
-        return d
+    @classmethod
+    def upgrade_record(cls, record: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A record without ``input_mode`` is a model trained before the shared input existed: 'per_slot'."""
+        return record if "input_mode" in record else {**record, "input_mode": "per_slot"}
 
     @property
     def shared_input(self) -> bool:
@@ -224,14 +215,7 @@ class HermesConfig:
 def hermes_config_from_plans(plans: Mapping) -> HermesConfig:
     """The configuration a model was trained with (the joint plans' ``hermes`` record), defaults if absent. A
     record without ``input_mode`` is a model trained before the shared input existed: 'per_slot'."""
-    return hermes_config_from_record(JointPlan(plans).method_record("hermes"))
-
-
-def hermes_config_from_record(record: Mapping | None) -> HermesConfig:
-    """:func:`hermes_config_from_plans` of a ``hermes`` record itself."""
-    if record is not None and "input_mode" not in record:
-        record = {**record, "input_mode": "per_slot"}
-    return HermesConfig.from_value(record)
+    return HermesConfig.from_plans(plans)
 
 
 def build_hermes_network(backbone: nn.Module, num_tasks: int, num_modalities: int, cfg: HermesConfig,
@@ -273,14 +257,11 @@ class HermesTrainer(nnHarmonyTrainer):
         self.task_width = max(len(self.spec.task_ids(m.dataset_id)) for m in self.spec.members)
 
     def _initial_hermes_config(self, configuration: str) -> HermesConfig:
-        joint = self.joint_plan
-        if joint.method_record("hermes") is not None:
-            return HermesConfig.from_value(joint.method_record("hermes"))
+        plans = self.plans_manager.plans
+        if HermesConfig.record_of(plans) is not None:
+            return HermesConfig.from_value(HermesConfig.record_of(plans))
         # adaptation: the old model's network options, so that its weights fit the new network
-        old = joint.extended_model_record("hermes", type(self).__name__, configuration)
-        if old is not None:
-            return hermes_config_from_record(old)
-        return HermesConfig()
+        return HermesConfig.from_record(HermesConfig.extended_model_record(plans, type(self).__name__, configuration))
 
     # ------------------------------------------------------------------ network
     @staticmethod
@@ -316,7 +297,7 @@ class HermesTrainer(nnHarmonyTrainer):
                 self.enable_deep_supervision = False  # the official Hermes-R has one output
             # record the configuration in the joint plans: saved as the model folder's plans.json, read back by
             # the static network builder at inference, validation, analysis and adaptation
-            self.joint_plan.set_method_record("hermes", self.hermes.to_dict())
+            self.hermes.to_plans(self.plans_manager.plans)
         super().initialize()
         decay = HermesConfig.from_value(self.hermes).resolved_ema_decay()
         self.ema = WeightEMA(self.unwrapped_network(), decay) if decay else None

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -66,8 +66,7 @@ from nnharmony.networks.uharmony import (
     adaptation_parameters as uharmony_adaptation_parameters,
     widen_input_channels,
 )
-from nnharmony.records.joint_plan import JointPlan
-from nnharmony.records.model_folder import checkpoint_record
+from nnharmony.records.method_config import MethodConfig
 from nnharmony.trainers.backbones import RESENC_CLASS, RESENC_M_BLOCKS, planned_backbone, resenc_backbone  # noqa: F401
 from nnharmony.trainers.lr_schedules import ScaledPolyLRScheduler
 from nnharmony.trainers.nnharmony_trainer import load_collection_spec, nnHarmonyTrainer
@@ -83,8 +82,9 @@ TRAIN_GATE_MODES = ("soft", "oracle", "uniform")
 # configuration
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
-class UHarmonyConfig:
-    """All U-Harmony options in one place. [P] = from the paper's reachable text, [R] = reconstruction
+class UHarmonyConfig(MethodConfig):
+    """All U-Harmony options in one place (a :class:`~nnharmony.records.method_config.MethodConfig`: from and to the
+    plans, from a checkpoint, compatibility check). [P] = from the paper's reachable text, [R] = reconstruction
     (METHODS.md A.3), [N] = nnharmony engineering choice.
 
     Network (recorded in the model's ``plans.json``; changing them changes the network):
@@ -153,6 +153,8 @@ class UHarmonyConfig:
     adapt_input_conv: bool = True
     num_domains: int | None = None
 
+    NAME = "uharmony"
+    RECORDED = ("num_domains",)
     #: fields that shape or parameterise the network (a checkpoint only loads into the same values)
     ARCHITECTURE = ("restoration", "poly_order", "stages", "gate_temperature", "gate_source", "gate_features",
                     "gate_depth", "gate_dim", "clamp")
@@ -200,31 +202,6 @@ class UHarmonyConfig:
 
         parse_stages(self.stages)  # a clear error for a bad insertion-depth spec
 
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name != "num_domains"]
-
-    def updated(self, value: "UHarmonyConfig | Mapping[str, Any] | None") -> "UHarmonyConfig":
-        """This configuration with ``value``'s entries applied (a dict from ``--trainer-options`` or plans, or a
-        whole config); unknown keys are an error that lists the known ones."""
-        if value is None:
-            return self
-        if isinstance(value, UHarmonyConfig):
-            return value
-        if not isinstance(value, Mapping):
-            raise ValueError(f"uharmony options must be a JSON object, got {value!r}")
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"unknown uharmony option(s) {unknown}; known: {self.option_names()}")
-        return replace(self, **dict(value))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def architecture(self) -> dict:
-        return {k: getattr(self, k) for k in self.ARCHITECTURE}
-
     def network_kwargs(self) -> dict:
         return dict(restoration=self.restoration, poly_order=self.poly_order, stages=self.stages,
                     gate_temperature=float(self.gate_temperature), gate_source=self.gate_source,
@@ -236,9 +213,7 @@ class UHarmonyConfig:
 def uharmony_config_from_plans(plans: Mapping, defaults: Mapping[str, Any] | None = None) -> UHarmonyConfig:
     """The configuration recorded in the joint plans' ``uharmony`` record (a model folder's plans.json), else
     ``defaults`` (a trainer class's ``uharmony_defaults``) over the dataclass defaults."""
-    record = JointPlan(plans).method_record("uharmony")
-    base = UHarmonyConfig().updated(dict(defaults or {}))
-    return base.updated(record) if record is not None else base
+    return UHarmonyConfig.from_plans(plans, defaults)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -298,7 +273,7 @@ class UHarmonyTrainer(nnHarmonyTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        record = self.joint_plan.method_record("uharmony")
+        record = UHarmonyConfig.record_of(self.plans_manager.plans)
         if record is None:
             record = self._record_of_extended_model(self.plans_manager.plans, configuration)
         base = UHarmonyConfig().updated(dict(type(self).uharmony_defaults))
@@ -312,7 +287,7 @@ class UHarmonyTrainer(nnHarmonyTrainer):
     def _record_of_extended_model(cls, joint: Mapping, configuration: str) -> dict | None:
         """A collection planned ``--extends OLD`` inherits the U-Harmony options of OLD's model of this
         trainer (``nnharmony_adapt`` loads that model), so the adapted network matches its weights."""
-        rec = JointPlan(joint).extended_model_record("uharmony", cls.__name__, configuration)
+        rec = UHarmonyConfig.extended_model_record(joint, cls.__name__, configuration)
         if rec is None:
             return None
         return {k: v for k, v in rec.items() if k != "num_domains"}
@@ -363,7 +338,7 @@ class UHarmonyTrainer(nnHarmonyTrainer):
             self.uharmony = cfg
             # record the configuration in the joint plans: saved as the model folder's plans.json, read back by the
             # static network builder at inference, validation and adaptation
-            self.joint_plan.set_method_record("uharmony", cfg.to_dict())
+            cfg.to_plans(self.plans_manager.plans)
         super().initialize()
 
     def extra_checkpoint_state(self) -> dict:
@@ -376,11 +351,9 @@ class UHarmonyTrainer(nnHarmonyTrainer):
         if isinstance(checkpoint, (str, os.PathLike)):
             checkpoint = load_checkpoint_file(checkpoint, expected_trainer=self.__class__.__name__,
                                               expected_collection=self.spec)
-        saved = (checkpoint_record(checkpoint) or {}).get("uharmony")
+        saved = UHarmonyConfig.checkpoint_record_of(checkpoint)
         if saved is not None:
-            mine = self._config().architecture()
-            theirs = {k: saved.get(k) for k in UHarmonyConfig.ARCHITECTURE}
-            diff = {k: (theirs[k], mine[k]) for k in mine if theirs[k] != mine[k]}
+            diff = self._config().incompatibilities(saved)
             if diff:
                 opts = json.dumps({"uharmony": {k: v[0] for k, v in diff.items()}})
                 raise ValueError(f"checkpoint was trained with other U-Harmony options (checkpoint vs now: {diff}); "

@@ -73,6 +73,7 @@ from __future__ import annotations
 import math
 import os
 from os.path import join
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -81,7 +82,7 @@ import torch.nn.functional as F
 from torch import distributed as dist, nn
 
 from nnharmony.losses.universeg import SoftDiceBCELoss
-from nnharmony.records.joint_plan import JointPlan
+from nnharmony.records.method_config import MethodConfig
 from nnharmony.trainers.nnharmony_trainer import nnHarmonyTrainer
 
 DEFAULT_IMAGE_SIZE = {2: 128, 3: 32}
@@ -109,6 +110,35 @@ CPU_3D_DEFAULTS: dict[str, Any] = {"support_size": 2, "episode_batch_size": 2, "
 BYTES_PER_IMAGE_128_W64 = 56e6
 
 
+@dataclass
+class UniverSegConfig(MethodConfig):
+    """The UniverSeg record of a trained model: network + episode configuration, written by the trainer into the
+    joint plans and checkpoints (:class:`~nnharmony.records.method_config.MethodConfig`), read back to rebuild the
+    network (:meth:`UniverSegTrainer.build_network_architecture`, ``nnharmony.inference.support``). The options
+    a user sets stay the trainer's attributes of the same names (``--trainer-options '{"support_size": 16}'``),
+    as the episode options without a place in the record (learning rate, augmentation, sampling)."""
+
+    NAME = "universeg"
+    #: what the network's weights depend on
+    ARCHITECTURE = ("dim", "image_size", "in_channels", "encoder_blocks", "decoder_blocks", "cross_nonlinearity")
+    RECORDED = ("dim", "in_channels", "configuration")
+
+    dim: int = 2
+    image_size: list | None = None
+    in_channels: int = 1
+    encoder_blocks: list = field(default_factory=lambda: [64, 64, 64, 64])
+    decoder_blocks: list | None = None
+    cross_nonlinearity: str | None = None
+    support_size: int = 8
+    episode_batch_size: int = 8
+    configuration: str | None = None
+    holdout: list = field(default_factory=list)
+    crop: str = "patch"
+    min_support_size: int | None = None
+    slice_axes: list = field(default_factory=lambda: [0])
+    preset: str | None = None
+
+
 def _blocks(value) -> list:
     return [tuple(b) if isinstance(b, (list, tuple)) else int(b) for b in value]
 
@@ -123,7 +153,7 @@ class UniverSegTrainer(nnHarmonyTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False
         self.dim = len(self.configuration_manager.patch_size)
-        rec = dict(self.joint_plan.method_record("universeg") or {})
+        rec = dict(UniverSegConfig.record_of(self.plans_manager.plans) or {})
         self.holdout: list = list(rec.get("holdout", []))
         self.image_size = rec.get("image_size")
         self.support_size = int(rec.get("support_size", 8))
@@ -189,15 +219,15 @@ class UniverSegTrainer(nnHarmonyTrainer):
         if self.crop not in ("patch", "whole"):
             raise ValueError(f"crop must be 'patch' or 'whole', got {self.crop!r}")
         held = resolve_holdout(self.spec, self.holdout)
-        return {
-            "dim": self.dim, "image_size": list(size), "in_channels": 1, "encoder_blocks": enc,
-            "decoder_blocks": None if self.decoder_blocks is None else _blocks(self.decoder_blocks),
-            "cross_nonlinearity": self.cross_nonlinearity, "support_size": int(self.support_size),
-            "episode_batch_size": int(self.episode_batch_size), "configuration": self.configuration_name,
-            "holdout": [self.spec.members[i].dataset_id for i in held], "crop": self.crop,
-            "min_support_size": None if self.min_support_size is None else int(self.min_support_size),
-            "slice_axes": [int(a) for a in self.slice_axes], "preset": self.preset,
-        }
+        return UniverSegConfig(
+            dim=self.dim, image_size=list(size), in_channels=1, encoder_blocks=enc,
+            decoder_blocks=None if self.decoder_blocks is None else _blocks(self.decoder_blocks),
+            cross_nonlinearity=self.cross_nonlinearity, support_size=int(self.support_size),
+            episode_batch_size=int(self.episode_batch_size), configuration=self.configuration_name,
+            holdout=[self.spec.members[i].dataset_id for i in held], crop=self.crop,
+            min_support_size=None if self.min_support_size is None else int(self.min_support_size),
+            slice_axes=[int(a) for a in self.slice_axes], preset=self.preset,
+        ).to_dict()
 
     def episode_config(self):
         from nnharmony.data.episodes import EpisodeConfig
@@ -249,7 +279,7 @@ class UniverSegTrainer(nnHarmonyTrainer):
                 self.fit_support_size()
             cfg = self.universeg_config()
             self.episode_config()  # validates the episode options before anything is built
-            self.joint_plan.set_method_record("universeg", cfg)
+            UniverSegConfig.from_value(cfg).to_plans(self.plans_manager.plans)
         super().initialize()
         self.batch_size = self._episode_batch_size()
 
@@ -310,7 +340,7 @@ class UniverSegTrainer(nnHarmonyTrainer):
         single-channel and binary, the task comes from the support set."""
         from nnharmony.networks.universeg import UniverSeg
 
-        cfg = JointPlan(plans_manager.plans).method_record("universeg") or {}
+        cfg = UniverSegConfig.record_of(plans_manager.plans) or {}
         dim = int(cfg.get("dim", len(configuration_manager.patch_size)))
         dec = cfg.get("decoder_blocks")
         return UniverSeg(encoder_blocks=_blocks(cfg.get("encoder_blocks", [64, 64, 64, 64])),
