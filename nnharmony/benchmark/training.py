@@ -56,42 +56,6 @@ def environment(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _wall_clock_nnunet_trainer():
-    """``nnUNetTrainer`` with nnharmony's wall-clock stop (per-dataset paradigm, ``Nmin`` budget): nnU-Net's own loop
-    cannot stop early, so this one copies it with the stop added."""
-    import torch
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-    class nnUNetTrainerWallClock(nnUNetTrainer):
-        # nnU-Net records its __init__ arguments by name: keep its signature
-        def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                     device: torch.device = torch.device("cuda")):
-            super().__init__(plans, configuration, fold, dataset_json, device)
-            self.wall_clock_budget_minutes: float | None = None
-
-        def run_training(self):
-            self.on_train_start()
-            start = time.time()
-            while self.current_epoch < self.num_epochs:
-                self.on_epoch_start()
-                self.on_train_epoch_start()
-                outs = [self.train_step(next(self.dataloader_train)) for _ in range(self.num_iterations_per_epoch)]
-                self.on_train_epoch_end(outs)
-                with torch.no_grad():
-                    self.on_validation_epoch_start()
-                    vals = [self.validation_step(next(self.dataloader_val))
-                            for _ in range(self.num_val_iterations_per_epoch)]
-                    self.on_validation_epoch_end(vals)
-                self.on_epoch_end()
-                b = self.wall_clock_budget_minutes
-                if b is not None and time.time() - start > 60 * b:
-                    self.print_to_log_file(f"wall-clock budget of {b:.2f} min reached after {self.current_epoch} epochs")
-                    break
-            self.on_train_end()
-
-    return nnUNetTrainerWallClock
-
-
 def training_options(method: Method, collection: str, opts: BenchmarkOptions, budget: Budget,
                      plans: str = "nnHarmonyPlans"):
     """``TrainingOptions`` of one method under the budget (what ``nnharmony_train`` would be given)."""
@@ -246,6 +210,7 @@ def train_method(method: Method, collection: str, opts: BenchmarkOptions, budget
     import torch
 
     from nnharmony.trainers.run import _device, build_trainer, load_collection, run_training
+    from nnharmony.trainers.wall_clock import wall_clock_nnunet_trainer
     from nnharmony.paths import preprocessed_dir
     from nnharmony.utils.io import load_json
 
@@ -273,7 +238,7 @@ def train_method(method: Method, collection: str, opts: BenchmarkOptions, budget
             return run
         spec, joint, _ = load_collection(collection, t.plans)
         ident = JointPlan(joint).member_plans_identifier
-        cls = _wall_clock_nnunet_trainer() if seconds is not None and not budget.fitted else None
+        cls = wall_clock_nnunet_trainer() if seconds is not None and not budget.fitted else None
         if cls is None:
             from nnharmony.records.model_folder import find_trainer_class
 

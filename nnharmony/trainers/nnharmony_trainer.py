@@ -32,6 +32,7 @@ from nnharmony.data.collection import CollectionSpec
 from nnharmony.paths import COLLECTION_SPEC_FILE, preprocessed_dir
 from nnharmony.trainers import progress
 from nnharmony.records.joint_plan import JointPlan
+from nnharmony.trainers.wall_clock import run_training_with_budget
 from nnharmony.records.model_folder import load_checkpoint_file, save_trainer_checkpoint
 from nnharmony.utils.labels import sigmoid_label_manager
 from nnharmony.losses.partial_label import PartialLabelLoss, nnunet_deep_supervision_weights
@@ -194,25 +195,9 @@ class nnHarmonyTrainer(nnUNetTrainer):
             dist.barrier()
 
     def run_training(self):
-        """nnU-Net's loop, but re-reading ``num_epochs`` every epoch so a wall-clock budget can end it."""
-        self.on_train_start()
-        self._train_start_time = time.time()
-        while self.current_epoch < self.num_epochs:
-            self.on_epoch_start()
-            self.on_train_epoch_start()
-            train_outputs = [self.train_step(next(self.dataloader_train)) for _ in range(self.num_iterations_per_epoch)]
-            self.on_train_epoch_end(train_outputs)
-            with torch.no_grad():
-                self.on_validation_epoch_start()
-                val_outputs = [self.validation_step(next(self.dataloader_val))
-                               for _ in range(self.num_val_iterations_per_epoch)]
-                self.on_validation_epoch_end(val_outputs)
-            self.on_epoch_end()
-            budget = self.wall_clock_budget_minutes
-            if budget is not None and time.time() - self._train_start_time > 60 * budget:
-                self.print_to_log_file(f"wall-clock budget of {budget} min reached after {self.current_epoch} epochs")
-                break
-        self.on_train_end()
+        """nnU-Net's loop, but re-reading ``num_epochs`` every epoch so a wall-clock budget can end it
+        (:func:`nnharmony.trainers.wall_clock.run_training_with_budget`)."""
+        run_training_with_budget(self)
 
     # ------------------------------------------------------------------ steps
     def _to_device(self, batch: dict):
