@@ -1,11 +1,13 @@
 """Print the import cycles of the ``nnharmony`` package, between packages and between modules.
 
-    python tools/import_graph.py [ROOT]      # ROOT defaults to the ``nnharmony`` folder next to this file
+    python tools/import_graph.py [ROOT] [--layers]   # ROOT: the ``nnharmony`` folder next to this file
 
 Reads the source with :mod:`ast` (nothing is imported), counts every ``import nnharmony...`` and
 ``from nnharmony... import`` / relative import anywhere in a module (function-level imports included), and
 prints the strongly connected components of two graphs: packages (``nnharmony.trainers`` ->
-``nnharmony.inference``) and modules. The exit status is 0 either way; the last two lines give the counts.
+``nnharmony.inference``) and modules; with ``--layers`` (and no package cycle) also each package's layer (0: it
+imports no other nnharmony package; n: it imports from layers below n only). The exit status is 0 either way;
+the last two lines give the counts.
 """
 from __future__ import annotations
 
@@ -102,7 +104,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def main(argv: list[str]) -> int:
-    root = Path(argv[1]) if len(argv) > 1 else Path(__file__).resolve().parent.parent / "nnharmony"
+    args = [a for a in argv[1:] if not a.startswith("--")]
+    root = Path(args[0]) if args else Path(__file__).resolve().parent.parent / "nnharmony"
     files = sorted(root.rglob("*.py"))
     modules = {module_name(root, f) for f in files}
     packages = {module_name(root, f) for f in files if f.name == "__init__.py"}
@@ -123,6 +126,22 @@ def main(argv: list[str]) -> int:
     print("module cycles:")
     for c in mod_cycles:
         print(f"  ({len(c)}) " + " <-> ".join(c))
+    if "--layers" in argv and not pkg_cycles:
+        print("package layers (a package imports only from lower layers):")
+        level: dict[str, int] = {}
+
+        def depth(p: str) -> int:
+            if p not in level:
+                level[p] = 1 + max((depth(d) for d in pkg_graph.get(p, ())), default=-1)
+            return level[p]
+
+        for p in packages | set(pkg_graph):
+            if p.count(".") == 1:
+                depth(p)
+        for n in range(max(level.values(), default=-1) + 1):
+            names = sorted(p.split(".", 1)[1] for p, v in level.items() if v == n and p.count(".") == 1)
+            if names:
+                print(f"  {n}: {', '.join(names)}")
     print(f"package cycles: {len(pkg_cycles)} ({sum(map(len, pkg_cycles))} packages)")
     print(f"module cycles: {len(mod_cycles)} ({sum(map(len, mod_cycles))} modules)")
     return 0
