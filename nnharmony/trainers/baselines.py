@@ -7,6 +7,7 @@ import torch
 
 from nnharmony.data.collection import CollectionSpec
 from nnharmony.networks.separate_heads import SeparateHeadsNet
+from nnharmony.trainers.backbones import planned_backbone
 from nnharmony.trainers.nnharmony_trainer import nnHarmonyTrainer, load_collection_spec
 
 
@@ -16,14 +17,10 @@ class SeparateHeadsTrainer(nnHarmonyTrainer):
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
                                    enable_deep_supervision: bool = True) -> torch.nn.Module:
-        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
         spec = load_collection_spec(plans_manager.plans)
         member_tasks = [spec.task_ids(m.dataset_id) for m in spec.members]
-        backbone = get_network_from_plans(
-            configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
-            configuration_manager.network_arch_init_kwargs_req_import, num_input_channels,
-            sum(len(t) for t in member_tasks), allow_init=True, deep_supervision=enable_deep_supervision)
+        backbone = planned_backbone(configuration_manager, num_input_channels, sum(len(t) for t in member_tasks),
+                                    enable_deep_supervision)
         return SeparateHeadsNet(backbone, member_tasks, num_output_channels)
 
     def network_forward(self, data: torch.Tensor, batch: dict):
