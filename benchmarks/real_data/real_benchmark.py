@@ -134,11 +134,62 @@ def fmt(values: list[float]) -> str:
     return f"{m:.3f}" if len(values) == 1 else f"{m:.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
+def per_seed_means(per_member: dict[str, list[float]], members: list[str]) -> list[float]:
+    """The mean over members, once per seed (only seeds in which every member has a value)."""
+    n = min(len(per_member[m]) for m in members)
+    return [statistics.fmean(per_member[m][i] for m in members) for i in range(n)]
+
+
+def verdict_lines(per: dict, members: list[str], joint_methods: list[str]) -> list[str]:
+    """Each joint method against the per-dataset models at equal total compute, computed from the table: the
+    difference of the mean over members per seed, and per member the mean difference over seeds."""
+    if "nnunet" not in per:
+        return []
+    base = per_seed_means(per["nnunet"], members)
+    lines = ["Joint methods minus per-dataset nnU-Net at equal total compute (Dice points; per seed for the mean "
+             "over members, mean over seeds per member):", ""]
+    for method in joint_methods:
+        mine = per_seed_means(per[method], members)
+        n = min(len(mine), len(base))
+        if not n:
+            continue
+        mean_d = ", ".join(f"{100 * (mine[i] - base[i]):+.1f}" for i in range(n))
+        by_member = []
+        for m in members:
+            k = min(len(per[method][m]), len(per["nnunet"][m]))
+            if k:
+                by_member.append(f"{m} {100 * statistics.fmean(per[method][m][i] - per['nnunet'][m][i] for i in range(k)):+.1f}")
+        lines.append(f"- {method}: mean over members {mean_d}; " + ", ".join(by_member))
+    return lines
+
+
+def unfinished_table(run_dir: Path) -> str:
+    """For a run without ``benchmark.json`` (stopped or still running): the mean Dice per member of every method
+    scored so far, read from its evaluation summaries (``foreground_mean``)."""
+    methods = sorted(p.name for p in (run_dir / "evaluation").glob("*") if p.is_dir())
+    if not methods:
+        return ""
+    members = sorted({m.name for meth in methods for m in (run_dir / "evaluation" / meth).glob("Dataset*")})
+    dice = {}
+    for meth in methods:
+        for m in members:
+            f = run_dir / "evaluation" / meth / m / "summary.json"
+            if f.is_file():
+                dice[meth, m] = json.loads(f.read_text())["foreground_mean"]["Dice"]
+    lines = [f"{run_dir.name} (unfinished: methods scored so far, mean Dice over each member's labels)", "",
+             "| member | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+    for m in members:
+        lines.append(f"| {m} | " + " | ".join(f"{dice[x, m]:.3f}" if (x, m) in dice else "–" for x in methods) + " |")
+    return "\n".join(lines)
+
+
 def summarize(workdir: Path, collection: str) -> str:
-    runs = {p.parent.name: json.loads(p.read_text()) for p in sorted((workdir / "reports" / collection).glob("*/benchmark.json"))}
+    folder = workdir / "reports" / collection
+    runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(folder.glob("*/benchmark.json"))}
+    unfinished = [unfinished_table(d) for d in sorted(folder.glob("*")) if d.is_dir() and d.name not in runs]
     seeds = {k: v for k, v in runs.items() if k.startswith("seed")}
     if not seeds:
-        return f"no finished run in {workdir}/reports/{collection}"
+        return "\n\n".join([t for t in unfinished if t] or [f"no finished run in {folder}"])
     equal_it = runs.get("equal_iterations")
     first = next(iter(seeds.values()))
     members = [m["name"] for m in first["collection"]["members"]]
@@ -164,9 +215,9 @@ def summarize(workdir: Path, collection: str) -> str:
         info = first["collection"]["members"][i]
         lines.append(f"| {member} | {info['training_cases']} / {len(info['validation_cases'])} | "
                      + " | ".join(fmt(per[c][member]) for c in cols) + " |")
-    overall = {c: [statistics.fmean(v[k] for v in [per[c]] for k in members if per[c][k]) ] if any(per[c].values())
-               else [] for c in cols}
+    overall = {c: per_seed_means(per[c], members) for c in cols}
     lines.append("| **mean over members** | | " + " | ".join(f"**{fmt(overall[c])}**" for c in cols) + " |")
+    lines += ["", *verdict_lines(per, members, [c for c in methods if c != "nnunet"])]
     lines += ["", "| run | method | iterations | training | validation | total | CPU time | peak RAM |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, b in runs.items():
@@ -181,7 +232,7 @@ def summarize(workdir: Path, collection: str) -> str:
             total = sum(v["cases"] for v in members_.values())
             lines.append(f"\n{name}, {method} --dataset auto: inferred member right on {right}/{total} validation "
                          "cases (" + "; ".join(f"{k} {v['correct']}/{v['cases']}" for k, v in members_.items()) + ")")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + [t for t in unfinished if t])
 
 
 def main(argv: list[str] | None = None) -> int:
