@@ -4,14 +4,15 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
 from nnharmony.networks.uharmony import (
-    DomainGate, GatedHeads, UHarmonyNet, UHarmonyNorm, UHarmonyNorm2d, UHarmonyNorm3d, add_domains,
+    DomainGate, GatedHeads, GateEncoder, UHarmonyNet, UHarmonyNorm, UHarmonyNorm2d, UHarmonyNorm3d, add_domains,
     add_output_tasks, adaptation_parameters, freeze_for_adaptation, gate_context, parse_stages, replace_norms,
-    widen_input_channels,
+    content_view, widen_input_channels,
 )
 
 torch.set_num_threads(1)
@@ -329,7 +330,8 @@ def test_gate_learns_two_domains():
     def batch(n=8):
         d = torch.arange(n) % 2
         x = torch.randn(n, 1, 16, 16, 16)
-        x = torch.where(d.view(-1, 1, 1, 1, 1) == 0, x * 1.0, x * 0.3 + 1.5)  # two intensity regimes
+        smooth = F.avg_pool3d(x, 3, 1, 1)  # two textures: the content view removes intensity offsets and scales
+        x = torch.where(d.view(-1, 1, 1, 1, 1) == 0, x * 1.0, smooth * 0.3 + 1.5)
         return x, d
 
     for _ in range(60):
@@ -345,6 +347,29 @@ def test_gate_learns_two_domains():
         net(x)
         acc = (net.predicted_domain() == d).float().mean().item()
     assert acc > 0.9, acc
+
+
+def test_content_view_is_the_same_for_every_slot_and_normalization():
+    """A case preprocessed as different members' case (another modality slot, another affine normalization)
+    looks the same to a 'content' gate; a 'slots' gate tells the slots apart (what --dataset auto must not
+    rely on)."""
+    torch.manual_seed(0)
+    image = torch.randn(2, 24, 24)
+    as_ct, as_mr = torch.zeros(1, 3, 24, 24), torch.zeros(1, 3, 24, 24)
+    as_ct[0, 0], as_mr[0, 2] = image[0] * 40 + 60, (image[0] - 0.1) / 2
+    view = content_view(torch.cat([as_ct, as_mr]))
+    torch.testing.assert_close(view[0], view[1], atol=1e-4, rtol=1e-4)
+    assert view[:, 1:].abs().max() == 0 and view[:, 0].std().item() == pytest.approx(1.0, abs=1e-3)
+    two = torch.zeros(1, 3, 24, 24)
+    two[0, 1], two[0, 2] = image[0], image[1] * 5  # a two-channel member: slots 1, 2 -> channels 0, 1
+    packed = content_view(two)
+    torch.testing.assert_close(packed[0, :2], content_view(image[None])[0], atol=1e-4, rtol=1e-4)
+    torch.manual_seed(1)
+    content, slots = GateEncoder(3, 2, 8, 2, "content"), GateEncoder(3, 2, 8, 2, "slots")
+    torch.testing.assert_close(content(as_ct), content(as_mr), atol=1e-4, rtol=1e-4)
+    assert (slots(as_ct) - slots(as_mr)).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="gate view"):
+        GateEncoder(3, 2, view="raw")
 
 
 def _reference_uharmony_norm(layer, x):

@@ -5,6 +5,7 @@ synthetic collection, on CPU: gate accuracy after a short training, predict with
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -141,6 +142,16 @@ def test_config_in_one_place():
     t.uharmony = {"poly_order": 1}  # a dict (--trainer-options '{"uharmony": {...}}') applies to the defaults
     assert t._config().poly_order == 1 and t._config().inference_gate_mode == "oracle"
     assert UHarmonyDomainRestorationTrainer.uharmony_defaults == {"restoration": "domain"}
+
+
+def test_models_recorded_before_the_content_view_keep_the_slot_gate():
+    assert UHarmonyConfig().gate_view == "content"
+    trained_before = {**{k: v for k, v in asdict(UHarmonyConfig()).items() if k != "gate_view"}, "num_domains": 3}
+    assert UHarmonyConfig.from_record(trained_before).gate_view == "slots"
+    assert UHarmonyConfig.from_record({"gate_temperature": 0.2}).gate_view == "content"  # a user's partial record
+    assert "gate_view" in UHarmonyConfig.ARCHITECTURE
+    with pytest.raises(ValueError, match="gate_view"):
+        UHarmonyConfig().updated({"gate_view": "raw"})
 
 
 @pytest.mark.parametrize("trainer_cls", [UHarmonyTrainer, UHarmonyResEncTrainer, UHarmonyOracleTrainer])
@@ -341,7 +352,7 @@ def test_transfer_weights_keeps_old_outputs(restoration):
     assert first.weight.shape[1] == 4 and first.weight[:, 3].abs().sum() == 0  # new modality: zero input weights
     old.eval(), new.eval()
     x = make_batch()["data"]
-    x_new = torch.cat([x, torch.randn(2, 1, *x.shape[2:])], 1)  # whatever the new channel holds
+    x_new = torch.cat([x, torch.zeros(2, 1, *x.shape[2:])], 1)  # an old member's case: the new modality's slot empty
     with torch.no_grad():
         for a, b in zip(old(x), new(x_new)):
             assert b.shape[1] == 5

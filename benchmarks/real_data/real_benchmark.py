@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--equal-iterations", action="store_true",
                    help="also train the per-dataset models with the whole budget each (seed of the first run)")
     p.add_argument("--threads", type=int, default=1, help="PyTorch threads (default 1)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS,
+                   help="only these paradigms (default: all five); e.g. one method re-run after a change, into a "
+                        "WORKDIR of its own")
     p.add_argument("--summarize", action="store_true", help="only print the table of the finished runs")
     args = p.parse_args(argv)
     args.workdir = args.workdir.resolve()
@@ -252,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         set_folders(args.workdir)
         prepare(COLLECTIONS[args.collection])
         for seed in args.seeds:
-            run(args, f"seed{seed}", seed, METHODS, "total")
+            run(args, f"seed{seed}", seed, args.methods, "total")
         if args.equal_iterations:
             run(args, "equal_iterations", args.seeds[0] if args.seeds else 0, ["nnunet"], "each")
     print(summarize(args.workdir, args.collection))

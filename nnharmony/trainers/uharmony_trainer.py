@@ -59,6 +59,7 @@ from nnharmony.inference.auto_member import central_patch
 from nnharmony.networks.uharmony import (
     GATE_MODES,
     GATE_SOURCES,
+    GATE_VIEWS,
     RESTORATIONS,
     UHarmonyNet,
     add_domains,
@@ -102,6 +103,11 @@ class UHarmonyConfig(MethodConfig):
       norms and heads use the same g) [N] or 'bottleneck' (GAP of the bottleneck features, the notes' first
       option [R]; not with restoration 'domain');
     * ``gate_features``, ``gate_depth``, ``gate_dim``: size of the gate encoder / projection [N];
+    * ``gate_view``: what the gate encoder sees [N]: 'content' (default: the image channels moved to the
+      first channels and standardized per sample, identical whichever modality slot a member fills and
+      whichever member's normalization was applied) or 'slots' (the network input as is; the gate then learns
+      which slot is filled, which is perfect in training but makes every ``--dataset auto`` hypothesis confirm
+      itself; models recorded without the field load as 'slots');
     * ``clamp``: xhat clamp before the powers k >= 2 (AMP safety) [R];
     * ``head_init``: 'copy' (every domain head starts as the backbone's seg layer) or 'random' [N];
     * ``num_domains``: recorded by the trainer (the collection's domain count); not an option.
@@ -141,6 +147,7 @@ class UHarmonyConfig(MethodConfig):
     gate_features: int = 16
     gate_depth: int = 3
     gate_dim: int | None = None
+    gate_view: str = "content"
     clamp: float | None = 6.0
     head_init: str = "copy"
     gate_loss_weight: float = 0.1
@@ -157,7 +164,7 @@ class UHarmonyConfig(MethodConfig):
     RECORDED = ("num_domains",)
     #: fields that shape or parameterise the network (a checkpoint only loads into the same values)
     ARCHITECTURE = ("restoration", "poly_order", "stages", "gate_temperature", "gate_source", "gate_features",
-                    "gate_depth", "gate_dim", "clamp")
+                    "gate_depth", "gate_dim", "gate_view", "clamp")
 
     def __post_init__(self):
         if self.restoration not in RESTORATIONS:
@@ -174,6 +181,8 @@ class UHarmonyConfig(MethodConfig):
             raise ValueError(f"uharmony: gate_temperature must be > 0, got {self.gate_temperature}")
         if int(self.gate_features) < 1 or int(self.gate_depth) < 1:
             raise ValueError("uharmony: gate_features and gate_depth must be >= 1")
+        if self.gate_view not in GATE_VIEWS:
+            raise ValueError(f"uharmony: gate_view must be one of {GATE_VIEWS}, got {self.gate_view!r}")
         if self.gate_dim is not None and int(self.gate_dim) < 1:
             raise ValueError("uharmony: gate_dim must be >= 1 or null")
         if self.clamp is not None and not float(self.clamp) > 0:
@@ -202,10 +211,16 @@ class UHarmonyConfig(MethodConfig):
 
         parse_stages(self.stages)  # a clear error for a bad insertion-depth spec
 
+    @classmethod
+    def upgrade_record(cls, record: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A trained model's record (it has ``num_domains``) without ``gate_view`` was trained before the
+        content view existed: its gate reads the modality slots ('slots')."""
+        return {**record, "gate_view": "slots"} if "num_domains" in record and "gate_view" not in record else record
+
     def network_kwargs(self) -> dict:
         return dict(restoration=self.restoration, poly_order=self.poly_order, stages=self.stages,
                     gate_temperature=float(self.gate_temperature), gate_source=self.gate_source,
-                    gate_features=int(self.gate_features), gate_depth=int(self.gate_depth),
+                    gate_features=int(self.gate_features), gate_depth=int(self.gate_depth), gate_view=self.gate_view,
                     gate_dim=None if self.gate_dim is None else int(self.gate_dim),
                     clamp=None if self.clamp is None else float(self.clamp), head_init=self.head_init)
 

@@ -12,17 +12,48 @@ from torch import nn
 from nnharmony.networks.uharmony.norm import _conv_op, _no_autocast
 
 
-class GateEncoder(nn.Module):
-    """Lightweight gate encoder on the raw input: ``depth`` x (conv k3 s2 -> LeakyReLU), no normalization.
+GATE_VIEWS = ("content", "slots")
 
-    x: (B, C_in, *spatial) -> (B, out_channels, *spatial / 2**depth). It has no normalization layer on
-    purpose: the intensity statistics that instance normalization removes are the gate's main cue.
+
+def content_view(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """(B, M, *spatial) modality slots -> (B, M, *spatial): each sample's filled slots (not all zero) first, in
+    slot order, each standardized to zero mean and unit variance over the sample; empty slots after them as
+    zeros. Invariant to which slots a sample fills and to an affine change of its intensities (nnU-Net's
+    z-score and CT normalizations are affine up to clipping), so a case preprocessed as any member's case looks
+    the same. Computed on the device without reading values on the host (traces under torch.compile)."""
+    flat = x.flatten(2)
+    filled = flat.abs().amax(-1) > 0  # (B, M)
+    order = torch.sort((~filled).to(torch.int8), dim=1, stable=True).indices  # filled slots first
+    mean = flat.mean(-1, keepdim=True)
+    std = flat.std(-1, keepdim=True, unbiased=False)
+    standardized = ((flat - mean) / (std + eps)) * filled.unsqueeze(-1).to(flat.dtype)
+    packed = torch.gather(standardized, 1, order.unsqueeze(-1).expand_as(standardized))
+    return packed.view_as(x)
+
+
+class GateEncoder(nn.Module):
+    """Lightweight gate encoder on the input: ``depth`` x (conv k3 s2 -> LeakyReLU).
+
+    x: (B, C_in, *spatial) -> (B, out_channels, *spatial / 2**depth).
+
+    ``view`` is what the gate looks at:
+
+    * ``'content'`` (default): :func:`content_view`, the sample's image channels moved to the first channels
+      and standardized per sample. The network's input has one channel slot per modality, so a gate that
+      reads the slots learns *which slot is filled* -- a perfect training accuracy that says nothing about
+      the image -- and under ``--dataset auto`` every member hypothesis (which fills its own slot and applies
+      its own normalization) confirms itself. The content view is the same under every hypothesis, so the
+      gate must tell domains apart by what the image looks like (texture, contrast, histogram shape).
+    * ``'slots'``: the network's input as it is (models trained before the content view).
     """
 
-    def __init__(self, in_channels: int, dim: int = 3, features: int = 16, depth: int = 3):
+    def __init__(self, in_channels: int, dim: int = 3, features: int = 16, depth: int = 3, view: str = "content"):
         super().__init__()
         if in_channels < 1 or features < 1 or depth < 1:
             raise ValueError("in_channels, features and depth must be >= 1")
+        if view not in GATE_VIEWS:
+            raise ValueError(f"gate view must be one of {GATE_VIEWS}, got {view!r}")
+        self.view = view
         conv = _conv_op(dim)
         layers, c = [], in_channels
         for i in range(depth):
@@ -34,7 +65,7 @@ class GateEncoder(nn.Module):
         self.out_channels = c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        return self.layers(content_view(x) if self.view == "content" else x)
 
     @property
     def input_conv(self) -> nn.Module:

@@ -38,6 +38,8 @@ class UHarmonyNet(nn.Module):
             so the R2 norms and the heads use the same g; 'bottleneck': g from GAP of the bottleneck features
             (the notes' first option; only with restoration 'instance'/'none', since R2 needs g earlier).
         gate_features, gate_depth: size of the gate encoder; gate_dim: C' of the gate projection.
+        gate_view: what the gate encoder sees: 'content' (default; the image channels packed and standardized,
+            the same whichever modality slot a member fills, see ``GateEncoder``) or 'slots' (the input as is).
         head_init: 'copy' (every Head_d = the backbone's seg layer, so the network equals the backbone
             with InstanceNorm at initialisation) or 'random' (independent He init per domain).
 
@@ -63,6 +65,7 @@ class UHarmonyNet(nn.Module):
         gate_features: int = 16,
         gate_depth: int = 3,
         gate_dim: Optional[int] = None,
+        gate_view: str = "content",
         clamp: Optional[float] = 6.0,
         init_restore_mix: float = 0.0,
         head_init: str = "copy",
@@ -104,7 +107,7 @@ class UHarmonyNet(nn.Module):
         decoder.seg_layers = nn.ModuleList()  # replaced by the heads (no unused parameters under DDP)
 
         if gate_source == "input":
-            self.gate_encoder = GateEncoder(self.input_channels, self.dim, gate_features, gate_depth)
+            self.gate_encoder = GateEncoder(self.input_channels, self.dim, gate_features, gate_depth, gate_view)
             gate_in = self.gate_encoder.out_channels
         else:
             self.gate_encoder = None
