@@ -98,7 +98,7 @@ def options(args, seed: int, methods: list[str], share: str, output: Path):
         methods=methods, budget=args.budget, collection=c.name, fold=0, device="cpu", output_folder=str(output),
         configuration=c.configuration, plans_variant=c.plans_variant(),
         trainers={"nnunet": "nnUNetTrainerAdam1en3"},
-        trainer_options={m: {"optimizer_name": "adamw"} for m in COLLECTION_METHODS},
+        trainer_options={m: {"optimizer_name": "adamw", **args.extra_options.get(m, {})} for m in COLLECTION_METHODS},
         seed=seed, per_dataset_budget=share, auto_member=True, keep_checkpoints=True, validation_mirroring=False,
         num_processes=1, cpu_threads=args.threads, num_overlays=7, quiet=True)
 
@@ -248,9 +248,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS,
                    help="only these paradigms (default: all five); e.g. one method re-run after a change, into a "
                         "WORKDIR of its own")
+    p.add_argument("--trainer-options", nargs="*", default=[], metavar="METHOD=JSON",
+                   help="extra trainer attributes per method, as nnharmony_benchmark's (e.g. "
+                        "'uharmony={\"uharmony\": {\"gate_lr_scale\": 1.0}}'), over the CPU settings")
     p.add_argument("--summarize", action="store_true", help="only print the table of the finished runs")
     args = p.parse_args(argv)
     args.workdir = args.workdir.resolve()
+    args.extra_options = {}
+    for item in args.trainer_options:
+        method, _, text = item.partition("=")
+        if method not in COLLECTION_METHODS:
+            p.error(f"--trainer-options {item!r}: METHOD must be one of {', '.join(COLLECTION_METHODS)}")
+        args.extra_options[method] = json.loads(text)
     if not args.summarize:
         set_folders(args.workdir)
         prepare(COLLECTIONS[args.collection])
