@@ -545,9 +545,11 @@ class UHarmonyTrainer(nnHarmonyTrainer):
 
         Limits: only the central patch is seen (a case whose centre is background-only or unlike its domain
         can be misassigned); a case from a domain the model never saw is assigned to the most similar seen
-        domain (the probabilities in the JSON show how confident the gate was); the hypothesis also fixes
-        the channel slots, so members with the same channel count but different modalities are told apart
-        only as far as the gate learned intensity/texture cues beyond the slot layout.
+        domain (the probabilities in the JSON show how confident the gate was). With the gate's ``'content'``
+        view the gate sees the same input under every hypothesis (slots packed, intensities standardized), so
+        the scores compare the image's likeness to each domain; a ``'slots'`` gate (older models) sees each
+        hypothesis's own slot and tends to confirm every hypothesis. Averaging the gate over tiles that cover
+        the case instead of the central patch was tried on R2 and was worse (193 against 223 of 269 right).
 
         Returns ``(member_index, {"predicted_domain", "gate_probabilities" (under the chosen member's
         preprocessing), "candidate_scores"})``.
