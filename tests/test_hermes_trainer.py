@@ -252,9 +252,16 @@ def test_infer_member_rule(monkeypatch):
         def preprocess(self, files, ctx):
             return torch.tensor(ctx.slots), {}
 
-    monkeypatch.setattr(HermesTrainer, "modality_probabilities",
-                        classmethod(lambda cls, pred, data: probs[tuple(data.tolist())]))
+    seen_tasks = []
+
+    def fake(cls, pred, data, task_ids):
+        seen_tasks.append(task_ids)
+        return probs[tuple(data.tolist())]
+
+    monkeypatch.setattr(HermesTrainer, "modality_probabilities", classmethod(fake))
     idx, info = HermesTrainer.infer_member(Pred(), ["case_0000.nii.gz"])
+    # each hypothesis runs with its own member's tasks (members 0 and 2 share the CT slot, not the tasks)
+    assert sorted(seen_tasks) == sorted(tuple(spec.task_ids(m.dataset_id)) for m in spec.members[:3])
     # CT hypothesis scores 0.7 > T1 hypothesis 0.6: CT; members 0 and 2 are CT: 2 has more cases
     assert idx == 2 and info["predicted_modality"] == "CT"
     assert info["modality_probabilities"] == pytest.approx({"CT": 0.7, "T1": 0.2, "T2": 0.1})

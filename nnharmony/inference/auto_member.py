@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 
 
-def member_hypotheses(predictor, image_files: Sequence[str],
-                      case_probabilities: Callable[[object, object], np.ndarray]) -> dict[int, np.ndarray]:
+def member_hypotheses(predictor, image_files: Sequence[str], case_probabilities: Callable[..., np.ndarray],
+                      condition: Callable[[int], Hashable] | None = None) -> dict[int, np.ndarray]:
     """member index -> ``case_probabilities(predictor, data)`` of the case preprocessed as that member's case
     (its plans: spacing, normalization; its channel slots), for every member with as many channels as the case
-    has files and the same file ending. Identical preprocessing hypotheses are computed once."""
+    has files and the same file ending. ``condition(i)``: what else the probabilities depend on under member
+    ``i``'s hypothesis (e.g. Hermes' task list), passed as a third argument. Identical hypotheses are computed
+    once."""
     spec = predictor.spec
     files = [str(f) for f in image_files]
     candidates = [i for i, m in enumerate(spec.members)
@@ -29,12 +31,14 @@ def member_hypotheses(predictor, image_files: Sequence[str],
     probs: dict[int, np.ndarray] = {}
     for i in candidates:
         ctx = predictor.member_context(i)
+        extra = None if condition is None else condition(i)
         key = json.dumps([ctx.slots, ctx.configuration_manager.configuration,
                           ctx.plans_manager.plans.get("foreground_intensity_properties_per_channel"),
-                          ctx.plans_manager.transpose_forward], sort_keys=True, default=str)
+                          ctx.plans_manager.transpose_forward, extra], sort_keys=True, default=str)
         if key not in cache:
             data, _ = predictor.preprocess(files, ctx)
-            cache[key] = case_probabilities(predictor, data)
+            cache[key] = (case_probabilities(predictor, data) if condition is None
+                          else case_probabilities(predictor, data, extra))
         probs[i] = cache[key]
     return probs
 

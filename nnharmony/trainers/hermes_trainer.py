@@ -461,14 +461,17 @@ class HermesTrainer(nnHarmonyTrainer):
                 "input_slots": spec.channel_slots(m.dataset_id)}
 
     @classmethod
-    def modality_probabilities(cls, predictor, data: torch.Tensor) -> np.ndarray:
+    def modality_probabilities(cls, predictor, data: torch.Tensor, task_ids: Sequence[int] | None = None
+                               ) -> np.ndarray:
         """Softmax of the modality head on the central patch of preprocessed ``data`` (M, *shape), with the
-        unknown-modality token and all global tasks, averaged over the predictor's folds. The shared input takes
-        the slots that hold an image (the hypothesis' member is not passed here)."""
+        unknown-modality token and ``task_ids`` (default: all global tasks), averaged over the predictor's folds.
+        The shared input takes the slots that hold an image."""
         net = predictor.network
         patch = [int(p) for p in predictor.configuration_manager.patch_size]
         x = central_patch(data, patch)[None].to(predictor.device)
-        tasks = torch.arange(predictor.spec.num_tasks, dtype=torch.long, device=predictor.device)[None]
+        if task_ids is None:
+            task_ids = range(predictor.spec.num_tasks)
+        tasks = torch.tensor([list(task_ids)], dtype=torch.long, device=predictor.device)
         unknown = torch.full((1,), -1, dtype=torch.long, device=predictor.device)
         width = getattr(net, "input_width", None)
         slots = slot_table([occupied_slots(data)], width) if width is not None else None
@@ -492,8 +495,11 @@ class HermesTrainer(nnHarmonyTrainer):
         1. Candidates: members with as many channels as the case has files (and its file ending).
         2. For each candidate, the case is preprocessed as that member's case (its plans: spacing,
            normalization; its channel slots), and the modality head is run on the central patch with the
-           unknown-modality token and all tasks (identical preprocessing hypotheses are computed once).
-           Its score is the probability of the candidate's own primary modality.
+           unknown-modality token and the candidate's own tasks, as every training sample comes with its
+           member's task list (identical hypotheses are computed once). Its score is the probability of the
+           candidate's own primary modality. (With all global tasks at once, a task list no training sample
+           had, the head favoured one modality: 179 of R2's 269 validation cases right against 200 with each
+           candidate's tasks, same model.)
         3. The predicted modality is the primary modality of the best-scoring candidate. Hermes predicts a
            modality, not a dataset, so every candidate of that modality is tied: the one with most training
            cases wins, the first in collection order on equal counts. The task set is that member's.
@@ -504,7 +510,8 @@ class HermesTrainer(nnHarmonyTrainer):
         from nnharmony.inference.auto_member import choose_member, member_hypotheses
 
         spec = predictor.spec
-        probs = member_hypotheses(predictor, image_files, cls.modality_probabilities)
+        probs = member_hypotheses(predictor, image_files, cls.modality_probabilities,
+                                  condition=lambda i: tuple(spec.task_ids(spec.members[i].dataset_id)))
         primary = {i: spec.primary_modality(spec.members[i].dataset_id) for i in probs}
         scores = {i: float(probs[i][primary[i]]) for i in probs}
         chosen = choose_member(spec, scores, primary.get)
