@@ -209,7 +209,7 @@ def train_method(method: Method, collection: str, opts: BenchmarkOptions, budget
     trains and None when its validation starts (progress display)."""
     import torch
 
-    from nnharmony.trainers.run import _device, build_trainer, load_collection, run_training
+    from nnharmony.trainers.run import build_trainer, load_collection, run_training, training_device
     from nnharmony.trainers.wall_clock import wall_clock_nnunet_trainer
     from nnharmony.paths import preprocessed_dir
     from nnharmony.utils.io import load_json
@@ -225,7 +225,7 @@ def train_method(method: Method, collection: str, opts: BenchmarkOptions, budget
             run.train_s = time.perf_counter() - t0
             return run
         t0 = time.perf_counter()
-        device = _device(t)
+        device = training_device(t)
         if device.type == "cpu" and opts.cpu_threads:
             torch.set_num_threads(opts.cpu_threads)
         if method.paradigm != "per-dataset":

@@ -37,7 +37,7 @@ def adapt_model(old_collection: str, new_collection: str, trainer_name: str, con
     ``trainer_options``: trainer attributes for fine-tuning (as ``nnharmony_train --trainer-options``)."""
     from nnharmony.records.model_folder import model_folder
     from nnharmony.records.model_folder import load_checkpoint_file
-    from nnharmony.trainers.run import TrainingOptions, apply_options, _device, build_trainer
+    from nnharmony.trainers.run import TrainingOptions, apply_options, build_trainer, training_device
     from nnharmony.trainers.validation import validate_members
 
     old_folder = model_folder(old_collection, trainer_name, plans, configuration)
@@ -51,7 +51,7 @@ def adapt_model(old_collection: str, new_collection: str, trainer_name: str, con
                            iterations_per_epoch=iterations_per_epoch,
                            val_iterations_per_epoch=val_iterations_per_epoch,
                            trainer_options=dict(trainer_options or {}))
-    trainer = build_trainer(opts, _device(opts))
+    trainer = build_trainer(opts, training_device(opts))
     check_extends(trainer.spec, old_spec)
     apply_options(trainer, opts)
     trainer.adaptation_mode = True

@@ -138,7 +138,9 @@ def _run_one(trainer, opts: TrainingOptions) -> None:
     trainer.perform_actual_validation(opts.npz)
 
 
-def _device(opts: TrainingOptions, rank: int = 0) -> torch.device:
+def training_device(opts: TrainingOptions, rank: int = 0) -> torch.device:
+    """The torch device of ``opts.device`` (rank: the CUDA device of a DDP rank); on a CPU one PyTorch thread per
+    core (per GPU process), with CUDA one thread (the GPU does the work)."""
     if opts.device == "cpu":
         torch.set_num_threads(max(1, multiprocessing.cpu_count() // max(1, opts.num_gpus)))
         return torch.device("cpu")
@@ -169,7 +171,7 @@ def build_trainer(opts: TrainingOptions, device: torch.device):
 def run_per_dataset(opts: TrainingOptions, cls: type) -> None:
     """Per-dataset paradigm: plain nnU-Net training of ``cls`` on every member with the member's own plans."""
     spec, joint, _ = load_collection(opts.collection, opts.plans)
-    device = _device(opts)
+    device = training_device(opts)
     ident = JointPlan(joint).member_plans_identifier
     for m in spec.members:
         plans = load_json(preprocessed_dir() / m.dataset_name / f"{ident}.json")
@@ -189,7 +191,7 @@ def _ddp_worker(rank: int, opts: TrainingOptions, world_size: int) -> None:
     backend = "nccl" if opts.device == "cuda" else "gloo"
     dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
-        device = _device(opts, rank)
+        device = training_device(opts, rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         _run_one(build_trainer(opts, device), opts)
@@ -211,7 +213,7 @@ def run_training(opts: TrainingOptions) -> None:
         dist.init_process_group(backend)
         try:
             local_rank = int(os.environ.get("LOCAL_RANK", 0))
-            device = _device(opts, local_rank)
+            device = training_device(opts, local_rank)
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             _run_one(build_trainer(opts, device), opts)
@@ -225,4 +227,4 @@ def run_training(opts: TrainingOptions) -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         torch.multiprocessing.spawn(_ddp_worker, args=(opts, opts.num_gpus), nprocs=opts.num_gpus, join=True)
         return
-    _run_one(build_trainer(opts, _device(opts)), opts)
+    _run_one(build_trainer(opts, training_device(opts)), opts)
