@@ -45,6 +45,7 @@ def test_no_annotation_gives_zero_and_deep_supervision():
     assert PartialLabelLoss()(logits, target, none).item() == 0.0
     w = nnunet_deep_supervision_weights(3)
     assert abs(sum(w) - 1) < 1e-9 and w[-1] == 0 and w[0] > w[1]
+    assert nnunet_deep_supervision_weights(1) == [1.0]  # no deep supervision outputs: weight 1, not 0/0
     outs = [logits, logits[..., ::2, ::2, ::2]]
     tgts = [target, target[..., ::2, ::2, ::2]]
     mask = torch.ones(3, 4, dtype=torch.bool)

@@ -79,8 +79,12 @@ class PartialLabelLoss(nn.Module):
 
 
 def nnunet_deep_supervision_weights(num_scales: int, is_ddp: bool = False) -> list[float]:
-    """nnU-Net's weights 1, 1/2, 1/4, ... with the lowest resolution switched off, normalised to sum 1."""
+    """nnU-Net's weights 1, 1/2, 1/4, ... with the lowest resolution switched off, normalised to sum 1; one scale
+    (a network without deep supervision outputs) gets weight 1, not 0/0."""
     import numpy as np
+
+    if num_scales <= 1:
+        return [1.0]
 
     w = np.array([1 / (2**i) for i in range(num_scales)])
     w[-1] = 1e-6 if is_ddp else 0.0  # DDP needs every output in the graph
