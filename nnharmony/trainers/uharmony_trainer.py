@@ -102,7 +102,9 @@ class UHarmonyConfig(MethodConfig):
     * ``gate_source``: 'input' (a light conv encoder on the raw input computes g before the backbone, so R2
       norms and heads use the same g) [N] or 'bottleneck' (GAP of the bottleneck features, the notes' first
       option [R]; not with restoration 'domain');
-    * ``gate_features``, ``gate_depth``, ``gate_dim``: size of the gate encoder / projection [N];
+    * ``gate_features``, ``gate_depth``, ``gate_dim``: size of the gate encoder / projection [N]; 32 features
+      and 5 stride-2 layers (R2, seed 0, content view: patch accuracy 0.78 and 238 of 269 ``--dataset auto``
+      cases right, against 0.69 and 215 with 16 features and 3 layers, whose receptive field is ~15 pixels);
     * ``gate_view``: what the gate encoder sees [N]: 'content' (default: the image channels moved to the
       first channels and standardized per sample, identical whichever modality slot a member fills and
       whichever member's normalization was applied) or 'slots' (the network input as is; the gate then learns
@@ -144,8 +146,8 @@ class UHarmonyConfig(MethodConfig):
     stages: str = "all"
     gate_temperature: float = 0.1
     gate_source: str = "input"
-    gate_features: int = 16
-    gate_depth: int = 3
+    gate_features: int = 32
+    gate_depth: int = 5
     gate_dim: int | None = None
     gate_view: str = "content"
     clamp: float | None = 6.0

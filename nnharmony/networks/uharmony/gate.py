@@ -47,7 +47,7 @@ class GateEncoder(nn.Module):
     * ``'slots'``: the network's input as it is (models trained before the content view).
     """
 
-    def __init__(self, in_channels: int, dim: int = 3, features: int = 16, depth: int = 3, view: str = "content"):
+    def __init__(self, in_channels: int, dim: int = 3, features: int = 32, depth: int = 5, view: str = "content"):
         super().__init__()
         if in_channels < 1 or features < 1 or depth < 1:
             raise ValueError("in_channels, features and depth must be >= 1")
