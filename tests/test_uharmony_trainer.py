@@ -148,6 +148,9 @@ def test_models_recorded_before_the_content_view_keep_the_slot_gate():
     assert UHarmonyConfig().gate_view == "content"
     trained_before = {**{k: v for k, v in asdict(UHarmonyConfig()).items() if k != "gate_view"}, "num_domains": 3}
     assert UHarmonyConfig.from_record(trained_before).gate_view == "slots"
+    assert UHarmonyConfig.from_record(trained_before).gate_features == UHarmonyConfig().gate_features  # recorded
+    oldest = UHarmonyConfig.from_record({"num_domains": 3})  # a record without the gate size: that time's
+    assert (oldest.gate_view, oldest.gate_features, oldest.gate_depth) == ("slots", 16, 3)
     assert UHarmonyConfig.from_record({"gate_temperature": 0.2}).gate_view == "content"  # a user's partial record
     assert "gate_view" in UHarmonyConfig.ARCHITECTURE
     with pytest.raises(ValueError, match="gate_view"):

@@ -216,8 +216,11 @@ class UHarmonyConfig(MethodConfig):
     @classmethod
     def upgrade_record(cls, record: Mapping[str, Any]) -> Mapping[str, Any]:
         """A trained model's record (it has ``num_domains``) without ``gate_view`` was trained before the
-        content view existed: its gate reads the modality slots ('slots')."""
-        return {**record, "gate_view": "slots"} if "num_domains" in record and "gate_view" not in record else record
+        content view existed: its gate reads the modality slots ('slots') and, where the record does not say,
+        has the gate size of that time (16 features x 3 layers)."""
+        if "num_domains" not in record or "gate_view" in record:
+            return record
+        return {"gate_features": 16, "gate_depth": 3, **record, "gate_view": "slots"}
 
     def network_kwargs(self) -> dict:
         return dict(restoration=self.restoration, poly_order=self.poly_order, stages=self.stages,
