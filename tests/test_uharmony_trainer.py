@@ -449,8 +449,15 @@ def test_training_records_options_and_gate_accuracy(uharmony_model, synthetic_co
     predictor = CollectionPredictor.from_model_folder(uharmony_model, device="cpu")
     assert predictor.network.poly_order == 2  # rebuilt from the record
 
+    assert record["gate_view"] == "content" and predictor.network.gate_encoder.view == "content"
+    predictor.network.load_state_dict(predictor.parameters[0])
+    predictor.network.eval()
+
     # the gate's domain accuracy on validation batches (fold 0's validation cases, nnU-Net's validation
-    # sampling), with the trained model rebuilt from its folder
+    # sampling), with the trained model rebuilt from its folder; the predictor's gate gives the same
+    # probabilities. No accuracy threshold: 18 iterations do not train a gate that must recognise the image
+    # (the content view); a slot-reading gate was >0.9 here from the start. Gate learning is tested in
+    # test_uharmony_networks.test_gate_learns_two_domains and measured on R2 (README).
     from nnharmony.trainers.uharmony_trainer import gate_probabilities
 
     plans = {**json.loads((uharmony_model / "plans.json").read_text()), "continue_training": True}
@@ -463,12 +470,14 @@ def test_training_records_options_and_gate_accuracy(uharmony_model, synthetic_co
     per_domain = torch.zeros(len(spec.domains), 2)
     for _ in range(16):
         batch = next(val_loader)
-        pred = gate_probabilities(trainer.network, batch["data"]).argmax(1)
+        probs = gate_probabilities(trainer.network, batch["data"])
+        torch.testing.assert_close(gate_probabilities(predictor.network, batch["data"]), probs)
+        pred = probs.argmax(1)
         for d, q in zip(batch["domain_id"].tolist(), pred.tolist()):
             per_domain[d] += torch.tensor([float(d == q), 1.0])
     hits, total = int(per_domain[:, 0].sum()), int(per_domain[:, 1].sum())
     print(f"gate domain accuracy on validation batches: {hits}/{total}; per domain {per_domain.tolist()}")
-    assert hits / total > 0.9
+    assert total == 32 and (per_domain[:, 1] > 0).sum() >= 2
 
 
 def test_predict_auto_and_explicit_then_evaluate(uharmony_model, synthetic_collection, tmp_path):
