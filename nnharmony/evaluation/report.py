@@ -174,7 +174,7 @@ def _pyplot():
     return plt
 
 
-def _default_style(fn):
+def default_style(fn):
     """Draw with matplotlib's default style: nnU-Net's progress plot calls ``seaborn.set(font_scale=2.5)``, which
     changes the style of every later figure of the process."""
     import functools
@@ -212,7 +212,7 @@ def method_colors(methods: Sequence[str]) -> dict[str, Any]:
     return {m: cmap(i % 10) for i, m in enumerate(methods)}
 
 
-@_default_style
+@default_style
 def plot_metric_bars(rows: Sequence[Mapping], path: str | os.PathLike, metric: str = "dice",
                      methods: Sequence[str] | None = None, title: str | None = None) -> bool:
     """Grouped bars: one group per member / label, one bar per method (mean over validation cases, error bar =
@@ -276,7 +276,7 @@ def plot_metric_bars(rows: Sequence[Mapping], path: str | os.PathLike, metric: s
     return True
 
 
-@_default_style
+@default_style
 def plot_training_curves(curves: Mapping[str, Sequence[Mapping]], path: str | os.PathLike) -> bool:
     """All methods' training curves in one figure: training loss, validation loss and pseudo Dice (nnU-Net's
     per-epoch estimate on validation patches) per epoch. ``curves``: method -> its models, each ``{"model",
@@ -338,7 +338,7 @@ def best_slice(reference: np.ndarray, axis: int = 0) -> int:
     return int(np.argmax(present * (int(counts.max()) + 1) + counts))
 
 
-@_default_style
+@default_style
 def plot_overlay(image: np.ndarray, reference: np.ndarray, predictions: Mapping[str, np.ndarray | None],
                  path: str | os.PathLike, labels: Mapping[str, int] | None = None, title: str = "",
                  spacing: Sequence[float] | None = None, scores: Mapping[str, float | None] | None = None,

@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from nnharmony.data.collection import CollectionSpec
+from nnharmony.evaluation.report import default_style
 
 #: keys of the per-member (K, T) pseudo Dice counts in a validation step's output
 MEMBER_COUNT_KEYS = ("tp_member", "fp_member", "fn_member")
@@ -136,6 +137,7 @@ def _mixed(loader):
     return None
 
 
+@default_style  # nnU-Net's seaborn font_scale 2.5 made the titles and legends of many panels overlap
 def plot_member_progress(spec: CollectionSpec, history: Sequence[dict], output_folder: str | Path) -> None:
     """``progress_members.png``: one panel per global task, one pseudo Dice curve per member annotating it."""
     import matplotlib
@@ -146,26 +148,23 @@ def plot_member_progress(spec: CollectionSpec, history: Sequence[dict], output_f
     tasks = [t for t in spec.tasks if any(t in epoch.get(m, {}) for epoch in history for m in epoch)]
     if not tasks:
         return
-    # nnU-Net's logger sets seaborn's font_scale 2.5 process-wide: with many tasks the titles and legends of
-    # that scale overlap the neighbouring panels, so this figure is drawn in matplotlib's default style
-    with plt.style.context("default"):
-        cols = min(3, len(tasks))
-        rows = math.ceil(len(tasks) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
-        for ax, task in zip(axes.flat, tasks):
-            for m in spec.members:
-                y = [epoch.get(m.dataset_name, {}).get(task, float("nan")) for epoch in history]
-                if not all(math.isnan(v) for v in y):
-                    ax.plot(range(len(y)), y, marker=".", label=m.dataset_name)
-            ax.set_title(f"pseudo Dice: {task}")
-            ax.set_xlabel("epoch")
-            ax.set_ylim(0, 1)
-            if ax.get_lines():
-                ax.legend(fontsize="small")
-            else:  # every member's value was NaN (nothing predicted nor annotated in the validation batches)
-                ax.text(0.5, 0.5, "no values yet", ha="center", va="center", transform=ax.transAxes)
-        for ax in list(axes.flat)[len(tasks):]:
-            ax.axis("off")
-        fig.tight_layout()
-        fig.savefig(Path(output_folder) / MEMBER_PROGRESS_PLOT)
+    cols = min(3, len(tasks))
+    rows = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        for m in spec.members:
+            y = [epoch.get(m.dataset_name, {}).get(task, float("nan")) for epoch in history]
+            if not all(math.isnan(v) for v in y):
+                ax.plot(range(len(y)), y, marker=".", label=m.dataset_name)
+        ax.set_title(f"pseudo Dice: {task}")
+        ax.set_xlabel("epoch")
+        ax.set_ylim(0, 1)
+        if ax.get_lines():
+            ax.legend(fontsize="small")
+        else:  # every member's value was NaN (nothing predicted nor annotated in the validation batches)
+            ax.text(0.5, 0.5, "no values yet", ha="center", va="center", transform=ax.transAxes)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(Path(output_folder) / MEMBER_PROGRESS_PLOT)
     plt.close(fig)
