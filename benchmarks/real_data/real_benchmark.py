@@ -254,12 +254,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summarize", action="store_true", help="only print the table of the finished runs")
     args = p.parse_args(argv)
     args.workdir = args.workdir.resolve()
-    args.extra_options = {}
-    for item in args.trainer_options:
-        method, _, text = item.partition("=")
+    from nnharmony.cli.common import parse_method_options
+
+    try:
+        args.extra_options = parse_method_options(args.trainer_options)
+    except ValueError as e:
+        p.error(str(e))
+    for method in args.extra_options:
         if method not in COLLECTION_METHODS:
-            p.error(f"--trainer-options {item!r}: METHOD must be one of {', '.join(COLLECTION_METHODS)}")
-        args.extra_options[method] = json.loads(text)
+            p.error(f"--trainer-options {method}: METHOD must be one of {', '.join(COLLECTION_METHODS)}")
     if not args.summarize:
         set_folders(args.workdir)
         prepare(COLLECTIONS[args.collection])

@@ -11,13 +11,12 @@ and writes a report folder (Markdown/CSV tables, bar chart, training curves, ove
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 from nnharmony.cli.common import (add_deprecated_alias, apply_old_collection_flags, exit_on_user_error, make_parser,
-                                  parse_key_value_pairs)
+                                  parse_method_options)
 
 ENV_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 QUICK_WORKDIR = "nnharmony_quick"
@@ -146,14 +145,7 @@ def _setup_folders(args) -> None:
 def _trainer_options(args, quick: bool) -> dict:
     from nnharmony.benchmark import QUICK
 
-    out = {}
-    for method, text in parse_key_value_pairs(args.trainer_options, "--trainer-options").items():
-        try:
-            out[method] = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--trainer-options {method}: not valid JSON ({e})") from None
-        if not isinstance(out[method], dict):
-            raise ValueError(f"--trainer-options {method}: expected a JSON object")
+    out = parse_method_options(args.trainer_options)
     if quick:  # the preset's small-CPU settings, under what the user gave
         for method, defaults in QUICK.trainer_options.items():
             out[method] = {**defaults, **out.get(method, {})}

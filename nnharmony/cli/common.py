@@ -163,6 +163,19 @@ def parse_key_value_pairs(items: Iterable[str], flag: str) -> dict[str, str]:
     return out
 
 
+def parse_method_options(items: Iterable[str], flag: str = "--trainer-options") -> dict[str, dict]:
+    """``METHOD=JSON`` items -> {method: JSON object} (``nnharmony_benchmark --trainer-options``)."""
+    out = {}
+    for method, text in parse_key_value_pairs(items, flag).items():
+        try:
+            out[method] = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{flag} {method}: not valid JSON ({e})") from None
+        if not isinstance(out[method], dict):
+            raise ValueError(f"{flag} {method}: expected a JSON object")
+    return out
+
+
 def parse_trainer_options(text: str | None) -> dict:
     """``--trainer-options`` JSON object of trainer attributes (empty when not given)."""
     if not text:
