@@ -461,16 +461,13 @@ class HermesTrainer(nnHarmonyTrainer):
                 "input_slots": spec.channel_slots(m.dataset_id)}
 
     @classmethod
-    def modality_probabilities(cls, predictor, data: torch.Tensor, task_ids: Sequence[int] | None = None
-                               ) -> np.ndarray:
+    def modality_probabilities(cls, predictor, data: torch.Tensor, task_ids: Sequence[int]) -> np.ndarray:
         """Softmax of the modality head on the central patch of preprocessed ``data`` (M, *shape), with the
-        unknown-modality token and ``task_ids`` (default: all global tasks), averaged over the predictor's folds.
-        The shared input takes the slots that hold an image."""
+        unknown-modality token and the global tasks ``task_ids``, averaged over the predictor's folds. The shared
+        input takes the slots that hold an image."""
         net = predictor.network
         patch = [int(p) for p in predictor.configuration_manager.patch_size]
         x = central_patch(data, patch)[None].to(predictor.device)
-        if task_ids is None:
-            task_ids = range(predictor.spec.num_tasks)
         tasks = torch.tensor([list(task_ids)], dtype=torch.long, device=predictor.device)
         unknown = torch.full((1,), -1, dtype=torch.long, device=predictor.device)
         width = getattr(net, "input_width", None)
