@@ -157,19 +157,6 @@ def test_models_recorded_before_the_content_view_keep_the_slot_gate():
         UHarmonyConfig().updated({"gate_view": "raw"})
 
 
-def test_models_recorded_before_the_pooling_option_keep_the_mean_pooled_gate():
-    assert UHarmonyConfig().gate_pool == "meanstd"
-    recorded = {**{k: v for k, v in asdict(UHarmonyConfig()).items() if k != "gate_pool"}, "num_domains": 3}
-    old = UHarmonyConfig.from_record(recorded)
-    assert (old.gate_pool, old.gate_view) == ("mean", "content")
-    assert UHarmonyConfig.from_record({"num_domains": 3}).gate_pool == "mean"
-    assert UHarmonyConfig.from_record({**recorded, "gate_pool": "meanstd"}).gate_pool == "meanstd"
-    assert UHarmonyConfig.from_record({"gate_temperature": 0.2}).gate_pool == "meanstd"  # a user's partial record
-    assert "gate_pool" in UHarmonyConfig.ARCHITECTURE
-    with pytest.raises(ValueError, match="gate_pool"):
-        UHarmonyConfig().updated({"gate_pool": "max"})
-
-
 @pytest.mark.parametrize("trainer_cls", [UHarmonyTrainer, UHarmonyResEncTrainer, UHarmonyOracleTrainer])
 def test_build_from_joint_plan(trainer_cls):
     torch.manual_seed(0)

@@ -59,7 +59,6 @@ from nnharmony.inference.auto_member import central_patch
 from nnharmony.networks.uharmony import (
     GATE_MODES,
     GATE_SOURCES,
-    GATE_POOLS,
     GATE_VIEWS,
     RESTORATIONS,
     UHarmonyNet,
@@ -111,10 +110,6 @@ class UHarmonyConfig(MethodConfig):
       whichever member's normalization was applied) or 'slots' (the network input as is; the gate then learns
       which slot is filled, which is perfect in training but makes every ``--dataset auto`` hypothesis confirm
       itself; models recorded without the field load as 'slots');
-    * ``gate_pool``: how the gate pools its encoder's features [N]: 'meanstd' (default: each feature map's
-      spatial mean and standard deviation, the style statistics that tell domains apart; R2, the gate alone
-      trained 600 iterations, two seeds: 0.86 and 0.85 patch accuracy against 0.79 and 0.77) or 'mean' (global
-      average pooling; models recorded without the field load as 'mean');
     * ``clamp``: xhat clamp before the powers k >= 2 (AMP safety) [R];
     * ``head_init``: 'copy' (every domain head starts as the backbone's seg layer) or 'random' [N];
     * ``num_domains``: recorded by the trainer (the collection's domain count); not an option.
@@ -155,7 +150,6 @@ class UHarmonyConfig(MethodConfig):
     gate_depth: int = 5
     gate_dim: int | None = None
     gate_view: str = "content"
-    gate_pool: str = "meanstd"
     clamp: float | None = 6.0
     head_init: str = "copy"
     gate_loss_weight: float = 0.1
@@ -172,7 +166,7 @@ class UHarmonyConfig(MethodConfig):
     RECORDED = ("num_domains",)
     #: fields that shape or parameterise the network (a checkpoint only loads into the same values)
     ARCHITECTURE = ("restoration", "poly_order", "stages", "gate_temperature", "gate_source", "gate_features",
-                    "gate_depth", "gate_dim", "gate_view", "gate_pool", "clamp")
+                    "gate_depth", "gate_dim", "gate_view", "clamp")
 
     def __post_init__(self):
         if self.restoration not in RESTORATIONS:
@@ -191,8 +185,6 @@ class UHarmonyConfig(MethodConfig):
             raise ValueError("uharmony: gate_features and gate_depth must be >= 1")
         if self.gate_view not in GATE_VIEWS:
             raise ValueError(f"uharmony: gate_view must be one of {GATE_VIEWS}, got {self.gate_view!r}")
-        if self.gate_pool not in GATE_POOLS:
-            raise ValueError(f"uharmony: gate_pool must be one of {GATE_POOLS}, got {self.gate_pool!r}")
         if self.gate_dim is not None and int(self.gate_dim) < 1:
             raise ValueError("uharmony: gate_dim must be >= 1 or null")
         if self.clamp is not None and not float(self.clamp) > 0:
@@ -223,14 +215,10 @@ class UHarmonyConfig(MethodConfig):
 
     @classmethod
     def upgrade_record(cls, record: Mapping[str, Any]) -> Mapping[str, Any]:
-        """A trained model's record (it has ``num_domains``) keeps the gate it was trained with: without
-        ``gate_pool`` its gate pools by the mean ('mean'); without ``gate_view`` it was trained before the content
-        view existed, so its gate reads the modality slots ('slots') and, where the record does not say, has the
-        gate size of that time (16 features x 3 layers)."""
-        if "num_domains" not in record:
-            return record
-        record = {"gate_pool": "mean", **record}
-        if "gate_view" in record:
+        """A trained model's record (it has ``num_domains``) without ``gate_view`` was trained before the
+        content view existed: its gate reads the modality slots ('slots') and, where the record does not say,
+        has the gate size of that time (16 features x 3 layers)."""
+        if "num_domains" not in record or "gate_view" in record:
             return record
         return {"gate_features": 16, "gate_depth": 3, **record, "gate_view": "slots"}
 
@@ -238,7 +226,6 @@ class UHarmonyConfig(MethodConfig):
         return dict(restoration=self.restoration, poly_order=self.poly_order, stages=self.stages,
                     gate_temperature=float(self.gate_temperature), gate_source=self.gate_source,
                     gate_features=int(self.gate_features), gate_depth=int(self.gate_depth), gate_view=self.gate_view,
-                    gate_pool=self.gate_pool,
                     gate_dim=None if self.gate_dim is None else int(self.gate_dim),
                     clamp=None if self.clamp is None else float(self.clamp), head_init=self.head_init)
 
@@ -273,7 +260,7 @@ def gate_embeddings(network: nn.Module, x: torch.Tensor, normalize: bool = True)
     cosine gate compares u / |u| with the prototypes)."""
     net = _unwrap(network)
     feats = net.gate_encoder(x) if net.gate_encoder is not None else net.encoder(x)[-1]
-    u = net.gate.proj(net.gate.pool(feats)).float()
+    u = net.gate.proj(feats.flatten(2).mean(-1)).float()
     return F.normalize(u, dim=1, eps=1e-6) if normalize else u
 
 

@@ -39,7 +39,7 @@ Gate context
 
 Tensor shapes are written as (B, C, *spatial) with *spatial = (X, Y) or (X, Y, Z).
 """
-from nnharmony.networks.uharmony.gate import GATE_POOLS, GATE_VIEWS, DomainGate, GateEncoder, content_view
+from nnharmony.networks.uharmony.gate import GATE_VIEWS, DomainGate, GateEncoder, content_view
 from nnharmony.networks.uharmony.heads import GatedHeads
 from nnharmony.networks.uharmony.insertion import parse_stages, replace_norms
 from nnharmony.networks.uharmony.network import UHarmonyNet
@@ -59,7 +59,6 @@ __all__ = [
     "gate_context",
     "parse_stages",
     "replace_norms",
-    "GATE_POOLS",
     "GATE_VIEWS",
     "GateEncoder",
     "content_view",

@@ -1,5 +1,5 @@
-"""The domain gate: g = softmax(cos(W z, P_d) / tau + bias_d), z pooled from the bottleneck or from a small
-encoder of its own (:class:`GateEncoder`)."""
+"""The domain gate: g = softmax(cos(W z, P_d) / tau + bias_d) from a global average pool, on the bottleneck or
+on a small encoder of its own (:class:`GateEncoder`)."""
 from __future__ import annotations
 
 import math
@@ -13,7 +13,6 @@ from nnharmony.networks.uharmony.norm import _conv_op, _no_autocast
 
 
 GATE_VIEWS = ("content", "slots")
-GATE_POOLS = ("meanstd", "mean")
 
 
 def content_view(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -76,54 +75,30 @@ class GateEncoder(nn.Module):
 class DomainGate(nn.Module):
     """Soft domain gate over learnable prototypes.
 
-    features (B, C, *spatial) or (B, C) -> z = pool -> u = W z + c -> logits_d = cos(u, P_d) / tau + bias_d,
-    g = softmax(logits). Returns (g, logits), both (B, D), float32.
-
-    ``pool``: ``'meanstd'`` (default) concatenates each feature map's spatial mean and standard deviation (2C
-    values): a domain is largely a style, the first and second moments of features that instance
-    normalization (and U-Harmony's stage 1) removes, and a mean alone averages texture away. Measured on R2
-    (the gate alone trained 600 iterations on the content view, two seeds): 0.86 and 0.85 accuracy on
-    validation patches against 0.79 and 0.77 with ``'mean'`` (global average pooling, models recorded before
-    the option).
+    features (B, C, *spatial) or (B, C) -> z = GAP -> u = W z + c (C -> C') ->
+    logits_d = cos(u, P_d) / tau + bias_d, g = softmax(logits). Returns (g, logits), both (B, D), float32.
 
     ``bias`` (D) is a learnable per-domain logit offset (zero-init); it lets ``add_domains`` split a domain
     into copies without changing any output.
     """
 
-    def __init__(self, in_channels: int, num_domains: int, temperature: float = 0.1, proj_dim: Optional[int] = None,
-                 pool: str = "meanstd"):
+    def __init__(self, in_channels: int, num_domains: int, temperature: float = 0.1, proj_dim: Optional[int] = None):
         super().__init__()
         if in_channels < 1 or num_domains < 1:
             raise ValueError("in_channels and num_domains must be >= 1")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        if pool not in GATE_POOLS:
-            raise ValueError(f"gate pool must be one of {GATE_POOLS}, got {pool!r}")
         proj_dim = proj_dim or max(8, min(in_channels, 64))
         self.in_channels = in_channels
         self.num_domains = num_domains
         self.temperature = temperature
-        self.pool_mode = pool
-        self.proj = nn.Linear(in_channels * (2 if pool == "meanstd" else 1), proj_dim)
+        self.proj = nn.Linear(in_channels, proj_dim)
         self.prototypes = nn.Parameter(F.normalize(torch.randn(num_domains, proj_dim), dim=1))
         self.bias = nn.Parameter(torch.zeros(num_domains))
 
-    def pool(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, C, *spatial) -> (B, 2C) spatial mean and std ('meanstd') or (B, C) mean ('mean', which also takes
-        an already pooled (B, C))."""
-        if features.ndim == 2 and self.pool_mode == "mean":
-            return features
-        if features.ndim < 3:
-            raise ValueError(f"the 'meanstd' gate pools feature maps (B, C, *spatial), got {tuple(features.shape)}")
-        flat = features.flatten(2)
-        if self.pool_mode == "mean":
-            return flat.mean(-1)
-        with _no_autocast(flat.device.type):
-            std, mean = torch.std_mean(flat.float(), dim=-1, unbiased=False)
-        return torch.cat([mean, std], 1).to(features.dtype)
-
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        u = self.proj(self.pool(features))
+        z = features.flatten(2).mean(-1) if features.ndim > 2 else features  # (B, C)
+        u = self.proj(z)
         with _no_autocast(u.device.type):
             cos = F.normalize(u.float(), dim=1, eps=1e-6) @ F.normalize(self.prototypes.float(), dim=1, eps=1e-6).t()
             logits = cos / self.temperature + self.bias.float()

@@ -40,8 +40,6 @@ class UHarmonyNet(nn.Module):
         gate_features, gate_depth: size of the gate encoder; gate_dim: C' of the gate projection.
         gate_view: what the gate encoder sees: 'content' (default; the image channels packed and standardized,
             the same whichever modality slot a member fills, see ``GateEncoder``) or 'slots' (the input as is).
-        gate_pool: how the gate pools its features: 'meanstd' (default; spatial mean and std, see
-            ``DomainGate``) or 'mean' (global average pooling).
         head_init: 'copy' (every Head_d = the backbone's seg layer, so the network equals the backbone
             with InstanceNorm at initialisation) or 'random' (independent He init per domain).
 
@@ -68,7 +66,6 @@ class UHarmonyNet(nn.Module):
         gate_depth: int = 5,
         gate_dim: Optional[int] = None,
         gate_view: str = "content",
-        gate_pool: str = "meanstd",
         clamp: Optional[float] = 6.0,
         init_restore_mix: float = 0.0,
         head_init: str = "copy",
@@ -115,7 +112,7 @@ class UHarmonyNet(nn.Module):
         else:
             self.gate_encoder = None
             gate_in = encoder.output_channels[-1]
-        self.gate = DomainGate(gate_in, num_domains, gate_temperature, gate_dim, gate_pool)
+        self.gate = DomainGate(gate_in, num_domains, gate_temperature, gate_dim)
         self.gate_mode = "soft"
         self.inference_domain_id: Optional[torch.Tensor] = None
         self.last_gate_logits: Optional[torch.Tensor] = None
