@@ -35,14 +35,6 @@ def test_every_variant_names_valid_options_and_a_distinct_folder(ablations):
                 configs[method].from_value(options[method])  # raises on an unknown field or value
 
 
-def test_base_options_are_merged_under_each_variant(ablations):
-    base = {"uharmony": {"gate_pool": "mean", "restoration": "instance"}, "optimizer_name": "adamw"}
-    variant = {"uharmony": {"restoration": "domain"}}
-    assert ablations.merged(base, variant) == {"uharmony": {"gate_pool": "mean", "restoration": "domain"},
-                                               "optimizer_name": "adamw"}
-    assert ablations.merged(base, {}) == base and ablations.merged({}, variant) == variant
-
-
 def _bench(member_dice: dict[str, float], method: str, auto: tuple[int, int] | None = None) -> dict:
     rows = [{"member": m, "method": method, "dice_mean": d} for m, d in member_dice.items()]
     bench = {"collection": {"name": "Collection930_R2", "members": [{"name": m} for m in member_dice]},

@@ -8,9 +8,6 @@ validation cases predicted and scored, and ``--dataset auto``. Not a test.
     python benchmarks/real_data/ablations.py r2 WORKDIR --method hermes --seeds 0 --only "per-slot" "official"
     python benchmarks/real_data/ablations.py r2 WORKDIR --method uharmony --summarize   # the table
 
-``--base-options JSON`` is merged into every variant's options (one level deep, the variant's own fields win),
-e.g. ``'{"uharmony": {"gate_pool": "mean"}}'`` to repeat a table measured before a default changed.
-
 WORKDIR holds ``nnUNet_raw`` and ``nnUNet_preprocessed`` (imported and planned by ``real_benchmark.py`` when
 missing; they may be links to a real-benchmark WORKDIR) and one folder per variant (``WORKDIR/<slug>/``, its
 own ``nnUNet_results`` and ``reports/``, raw and preprocessed linked). A variant's run is a process of its own
@@ -50,15 +47,6 @@ def slug(variant: str) -> str:
 def selected(method: str, only: list[str] | None) -> dict[str, tuple[str, dict]]:
     variants = ABLATIONS[method]
     return {k: v for k, v in variants.items() if not only or any(o in k for o in only)}
-
-
-def merged(base: dict, options: dict) -> dict:
-    """``options`` over ``base``, dictionaries merged one level deep (``{"uharmony": {...}}`` keeps both sides'
-    fields, the variant's winning)."""
-    out = dict(base)
-    for key, value in options.items():
-        out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def run_variant(collection: str, workdir: Path, variant: str, trainer: str, options: dict, seeds: list[int],
@@ -148,8 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--budget", default="6x100", help="EPOCHSxITERATIONS (default 6x100, the real benchmark's)")
     p.add_argument("--only", nargs="+", default=None, help="variants whose name contains one of these")
-    p.add_argument("--base-options", type=json.loads, default={}, metavar="JSON",
-                   help="trainer options merged into every variant's (the variant's own fields win)")
     p.add_argument("--summarize", action="store_true", help="only print the table of the finished runs")
     args = p.parse_args(argv)
     workdir = args.workdir.resolve()
@@ -157,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         set_folders(workdir)
         prepare(COLLECTIONS[args.collection])
         for variant, (trainer, options) in selected(args.method, args.only).items():
-            run_variant(args.collection, workdir, variant, trainer, merged(args.base_options, options), args.seeds,
-                        args.budget)
+            run_variant(args.collection, workdir, variant, trainer, options, args.seeds, args.budget)
     print(summary_table(workdir, args.collection, args.method))
     return 0
 
