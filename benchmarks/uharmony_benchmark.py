@@ -153,6 +153,7 @@ UHARMONY_ABLATIONS: dict[str, tuple[str, dict]] = {
         "UHarmonyTrainer", {"uharmony": {"train_gate_mode": "uniform", "inference_gate_mode": "uniform",
                                          "gate_loss_weight": 0.0}}),
     "gated head only (InstanceNorm)": ("UHarmonyTrainer", {"uharmony": {"stages": "none"}}),
+    "both, linear affine (poly_order 1)": ("UHarmonyTrainer", {"uharmony": {"poly_order": 1}}),
     "both, oracle head (gate = true domain)": (
         "UHarmonyTrainer", {"uharmony": {"train_gate_mode": "oracle", "inference_gate_mode": "oracle"}}),
 }
