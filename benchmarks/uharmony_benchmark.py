@@ -19,7 +19,9 @@ and the baseline, plus the gate's domain accuracy. Prints Markdown tables; not a
 
 4. Ablations (``--ablation``, shared with ``hermes_benchmark.py``: in-process training on a narrower plans
    variant, pseudo Dice on the same validation patches): harmonization only (uniform gate in training and
-   inference: one shared head), gated head only (no U-Harmony norms), both with R1 and with R2.
+   inference: one shared head), gated head only (no U-Harmony norms), both with R1 and with R2, both with a
+   linear instead of the polynomial affine, both with the oracle head (gate = true domain). The same variants run
+   on real data, with every validation case predicted, through ``benchmarks/real_data/ablations.py``.
 
     python benchmarks/uharmony_benchmark.py --ablation -d Collection900_Synth -c 2d --epochs 6 --iterations 6
 
