@@ -1,4 +1,4 @@
-"""Ablations of U-Harmony and Hermes on a real collection (R2 by default): each variant of
+"""Ablations of U-Harmony and Hermes on a real collection (R2 or R3): each variant of
 ``UHARMONY_ABLATIONS`` (``benchmarks/uharmony_benchmark.py``) or ``HERMES_ABLATIONS``
 (``benchmarks/hermes_benchmark.py``) is one ``real_benchmark.py`` run of its method with the variant's
 ``--trainer-options``: the same fold, budget, CPU settings and seeds as the real-data benchmark, every member's
