@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from hermes_benchmark import HERMES_ABLATIONS  # noqa: E402
-from real_benchmark import COLLECTIONS, member_means, prepare, set_folders  # noqa: E402
+from real_benchmark import COLLECTIONS, auto_right, member_means, prepare, set_folders  # noqa: E402
 from uharmony_benchmark import UHARMONY_ABLATIONS  # noqa: E402
 
 #: benchmark method of each ablation trainer
@@ -73,15 +73,8 @@ def variant_runs(workdir: Path, collection: str, variant: str) -> dict[str, dict
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(folder.glob("seed*/benchmark.json"))}
 
 
-def auto_accuracy(bench: dict, method: str) -> tuple[int, int] | None:
-    members = bench.get("auto_member", {}).get(method)
-    if not members:
-        return None
-    return sum(v["correct"] for v in members.values()), sum(v["cases"] for v in members.values())
-
-
-def mean_over_members(bench: dict, method: str, members: list[str]) -> float | None:
-    means = member_means(bench)
+def mean_over_members(means: dict[tuple[str, str], float], method: str, members: list[str]) -> float | None:
+    """Mean over ``members`` of ``member_means`` values of ``method``; None unless every member has one."""
     values = [means.get((m, method)) for m in members]
     return None if any(v is None for v in values) else statistics.fmean(values)
 
@@ -102,22 +95,23 @@ def summary_table(workdir: Path, collection: str, method: str) -> str:
             header = (f"{first['collection']['name']}, fold 0, budget {s['budget']}, plans {s['plans']}: mean Dice "
                       "over each member's labels (validation cases, true member); auto = `--dataset auto`, the "
                       "member inferred from the image: cases right and mean Dice over members")
-        per_seed = {name: mean_over_members(b, col, members) for name, b in runs.items()}
+        means = {name: member_means(b) for name, b in runs.items()}
+        per_seed = {name: mean_over_members(means[name], col, members) for name in runs}
         done = [v for v in per_seed.values() if v is not None]
         if not done:
             continue
         member_cells = []
         for m in members:
-            vals = [member_means(b).get((m, col)) for b in runs.values()]
-            vals = [v for v in vals if v is not None]
+            vals = [means[name][m, col] for name in runs if (m, col) in means[name]]
             member_cells.append(f"{statistics.fmean(vals):.3f}" if vals else "–")
         autos = []
         for name, b in runs.items():
-            acc = auto_accuracy(b, col)
-            dice = mean_over_members(b, f"{col} (auto)", members)
-            if acc:
-                autos.append(f"{name[4:]}: {acc[0]}/{acc[1]}, {dice:.3f}" if dice is not None
-                             else f"{name[4:]}: {acc[0]}/{acc[1]}")
+            if not b.get("auto_member", {}).get(col):
+                continue
+            right, total = auto_right(b["auto_member"][col])
+            dice = mean_over_members(means[name], f"{col} (auto)", members)
+            autos.append(f"{name[4:]}: {right}/{total}, {dice:.3f}" if dice is not None
+                         else f"{name[4:]}: {right}/{total}")
         seeds = ", ".join(f"{k[4:]}: {v:.3f}" for k, v in per_seed.items() if v is not None)
         rows.append(f"| {variant} | {seeds} | **{statistics.fmean(done):.3f}** | " + " | ".join(member_cells)
                     + f" | {'; '.join(autos) or '–'} |")

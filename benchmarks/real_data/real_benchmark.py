@@ -127,6 +127,11 @@ def member_means(bench: dict) -> dict[tuple[str, str], float]:
     return {k: statistics.fmean(v) for k, v in acc.items()}
 
 
+def auto_right(per_member: dict[str, dict]) -> tuple[int, int]:
+    """(cases whose member ``--dataset auto`` inferred right, cases) over a method's ``auto_member`` entries."""
+    return sum(v["correct"] for v in per_member.values()), sum(v["cases"] for v in per_member.values())
+
+
 def fmt(values: list[float]) -> str:
     if not values:
         return "–"
@@ -228,8 +233,7 @@ def summarize(workdir: Path, collection: str) -> str:
         lines.append(f"| {name} | **all** | | | | **{b['total_s'] / 60:.1f} min** | | |")
     for name, b in seeds.items():
         for method, members_ in b.get("auto_member", {}).items():
-            right = sum(v["correct"] for v in members_.values())
-            total = sum(v["cases"] for v in members_.values())
+            right, total = auto_right(members_)
             lines.append(f"\n{name}, {method} --dataset auto: inferred member right on {right}/{total} validation "
                          "cases (" + "; ".join(f"{k} {v['correct']}/{v['cases']}" for k, v in members_.items()) + ")")
     return "\n".join(lines + [""] + [t for t in unfinished if t])
