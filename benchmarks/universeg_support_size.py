@@ -1,17 +1,19 @@
-"""UniverSeg on an unseen dataset: Dice on a held-out member against the support size S, with and without
-support-set ensembling, next to a supervised nnU-Net (nnHarmonyTrainer) trained on that member. Prints a
-Markdown table; not a test.
+"""UniverSeg on unseen datasets: Dice on each held-out member against the support size S, with and without
+support-set ensembling, next to a supervised nnU-Net (nnHarmonyTrainer) trained on that member. Prints Markdown
+tables (one summary row per held-out member, then one table each); not a test.
 
 1. Data: the built-in synthetic collection (``--members`` members, ``--num-cases`` cases each) is made and
    planned for ``--configuration`` in ``--workdir`` (``$nnUNet_*`` point there; reused on a second run). Or,
    with ``--spec FILE``, a real-data collection (e.g. ``benchmarks/real_data/R2_2d.collection.json``: seven
    2D datasets, 21 tasks): members missing from ``WORKDIR/raw`` are imported with
-   ``benchmarks/real_data/import_all.py``, the collection is planned from the spec, and ``--holdout`` (one of
-   its member ids) is left out of UniverSeg's training: a leave-one-dataset-out split.
-2. UniverSeg: ``nnharmony_train COLL CFG 0 -tr UniverSegTrainer --holdout H`` for ``--budget-minutes`` of
-   wall-clock training (``wall_clock_budget_minutes``; the held-out member is never sampled).
-3. Supervised reference: a one-member collection of the held-out dataset, ``nnHarmonyTrainer`` (nnU-Net's
-   U-Net, BCE + Dice, SGD) on its fold 0 for the same wall-clock budget.
+   ``benchmarks/real_data/import_all.py``, the collection is planned from the spec, and ``--holdout`` (one or
+   more of its member ids) is left out of UniverSeg's training: leave-one-dataset-out, or, with several ids,
+   one UniverSeg model for several unseen datasets at once (every task of each held-out member is unseen).
+2. UniverSeg: ``nnharmony_train COLL CFG 0 -tr UniverSegTrainer --holdout H ...`` for ``--budget-minutes`` of
+   wall-clock training (``wall_clock_budget_minutes``; held-out members are never sampled).
+3. Supervised reference, one per held-out member: a one-member collection of it, ``nnHarmonyTrainer``
+   (nnU-Net's U-Net, BCE + Dice, SGD) on its fold 0 for ``--supervised-budget-minutes`` of wall clock
+   (``--supervised-batch-size N`` writes and uses a batch-N plans variant, for a CPU).
 4. Evaluation on the held-out member's fold-0 validation cases, raw images (``imagesTr``) and labels, every
    foreground label of the member: UniverSeg predicts from supports drawn from the member's fold-0 TRAINING
    cases (the same cases the supervised model trained on; :mod:`nnharmony.inference.support`, slice-by-slice
@@ -26,9 +28,10 @@ Markdown table; not a test.
         --workdir /tmp/nnharmony_universeg_hippo --members 3 --budget-minutes 5 -device cpu
     python benchmarks/universeg_support_size.py --budget-minutes 0.5 -device cpu \\
         --universeg-options '{"image_size": 32, "encoder_blocks": [16, 16, 16]}'
-    # real 2D tasks, PH2 dermoscopy held out, the paper preset scaled to a CPU
+    # real 2D tasks, chest X-ray, DRIVE and PH2 held out, the paper preset scaled to a CPU
     python benchmarks/universeg_support_size.py --spec benchmarks/real_data/R2_2d.collection.json \\
-        --holdout 936 --workdir /tmp/useg --budget-minutes 12 --supervised-budget-minutes 5 -device cpu \\
+        --holdout 934 935 936 --supervised-batch-size 4 --workdir /tmp/useg --budget-minutes 12 \\
+        --supervised-budget-minutes 5 -device cpu \\
         --universeg-options '{"preset": "paper", "image_size": 64, "encoder_blocks": [32, 32, 32, 32],
                               "support_size": 8, "episode_batch_size": 4}'
 
@@ -69,7 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--members", type=int, default=5, help="synthetic members (default 5: 901..905)")
     p.add_argument("--num-cases", type=int, default=10)
     p.add_argument("--shape", type=int, nargs=3, default=(32, 32, 32))
-    p.add_argument("--holdout", type=int, default=902)
+    p.add_argument("--holdout", type=int, nargs="+", default=[902],
+                   help="member ids left out of UniverSeg's training, each evaluated with its own supervised model")
     p.add_argument("--configuration", default="2d", choices=["2d", "3d_fullres"])
     p.add_argument("--budget-minutes", type=float, default=2.0, help="wall-clock training budget of UniverSeg")
     p.add_argument("--supervised-budget-minutes", type=float, default=None,
@@ -81,6 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--supervised-plans", default="nnHarmonyPlans",
                    help="plans of the supervised model (e.g. a smaller-batch variant written by "
                         "benchmarks/real_data/plans_variant.py, for a CPU)")
+    p.add_argument("--supervised-batch-size", type=int, default=None,
+                   help="write and use a plans variant of the supervised collections with this batch size "
+                        "(benchmarks/real_data/plans_variant.py; e.g. 4 on a CPU)")
     p.add_argument("--train-only", action="store_true", help="stop after training (evaluate in a later run)")
     p.add_argument("--iterations-per-epoch", type=int, default=50)
     p.add_argument("--support-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
@@ -97,7 +104,7 @@ def parse_args(argv=None):
     p.add_argument("--max-queries", type=int, default=None, help="evaluate at most this many validation cases")
     args = p.parse_args(argv)
     if args.extra_dataset is not None:
-        args.holdout = args.extra_id
+        args.holdout = [args.extra_id]
     if args.skip_training:
         args.train = []
     if args.supervised_budget_minutes is None:
@@ -140,6 +147,131 @@ def mean_dice(per_label: dict[str, list[float]]) -> float:
     return float(np.mean([np.nanmean(v) for v in per_label.values() if not np.all(np.isnan(v))]))
 
 
+def supervised_collection(index: int, member_id: int) -> str:
+    """Name of the one-member collection of the supervised reference of the ``index``-th held-out member."""
+    return SUPERVISED if index == 0 else f"Collection{960 + index}_UniverSegBenchSupervised{member_id}"
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory so far: CUDA allocations on a GPU, the process's resident set on a CPU (a running maximum)."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def evaluate_member(args, spec, ids, folders, member_id, networks, cfg, device, supervised_name, supervised_plans,
+                    work: Path) -> dict:
+    """In-context Dice of one held-out member by (S, K), next to its supervised model's Dice, on its fold-0
+    validation cases; seconds and peak memory per prediction by S."""
+    import torch
+
+    from nnharmony.data.splits import collection_fold
+    from nnharmony.inference import support as sup
+    from nnharmony.utils.safe_load import read_weights_file
+
+    mi = spec.member_index(member_id)
+    member = spec.members[mi]
+    raw = Path(folders[ids.index(member_id)])
+    train_ids, val_ids = collection_fold(spec, 0, args.configuration)[mi]
+    fe = member.file_ending
+
+    def read(case):
+        img, spacing, _ = sup.read_image(raw / "imagesTr" / f"{case}_0000{fe}")
+        lab, _, _ = sup.read_image(raw / "labelsTr" / f"{case}{fe}")
+        return img.astype(np.float32), lab.astype(np.int64), spacing
+
+    support = [(c, *read(c)) for c in train_ids]
+    queries = [(c, *read(c)) for c in sorted(val_ids)[:args.max_queries]]
+    dim, size = int(cfg["dim"]), tuple(cfg["image_size"])
+    results, seconds_per_case, memory = {}, {}, {}
+    pools = {t.label: sup.build_support_pool(support, t.values, dim, size) for t in member.tasks}
+    for S in args.support_sizes:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for K in (1, args.ensemble):
+            per_label: dict[str, list[float]] = {}
+            t_pred = time.perf_counter()
+            for t in member.tasks:
+                scores = []
+                for r in range(args.repeats):
+                    probs = sup.predict_cases_in_memory(networks, [(c, x, sp) for c, x, _, sp in queries],
+                                                        pools[t.label], dim, size, S, K, seed=1000 * r + S,
+                                                        device=device)
+                    scores.append([dice(probs[c] > 0.5, np.isin(y, t.values)) for c, _, y, _ in queries])
+                per_label[t.label] = list(np.nanmean(np.array(scores, dtype=float), axis=0))
+            n_pred = len(member.tasks) * args.repeats * len(queries)
+            seconds_per_case[(S, K)] = (time.perf_counter() - t_pred) / n_pred
+            results[(S, K)] = (mean_dice(per_label), {k: float(np.nanmean(v)) for k, v in per_label.items()})
+        memory[S] = peak_memory_mb(device)
+
+    # ---- supervised reference: its own fold-0 validation predictions when they cover the queries, else predicted
+    sup_model = work / "results" / supervised_name / f"nnHarmonyTrainer__{supervised_plans}__{args.configuration}"
+    sup_out = sup_model / "fold_0" / "validation" / member.dataset_name
+    if not all((sup_out / f"{c}{fe}").is_file() for c, *_ in queries):
+        sup_in, sup_out = work / "eval" / f"inputs{member_id}", work / "eval" / f"supervised{member_id}"
+        sup_in.mkdir(parents=True, exist_ok=True)
+        for c, *_ in queries:
+            target = sup_in / f"{c}_0000{fe}"
+            if not target.exists():
+                os.symlink(raw / "imagesTr" / f"{c}_0000{fe}", target)
+        run([sys.executable, "-m", "nnharmony.cli.predict", "-i", str(sup_in), "-o", str(sup_out), "-d",
+             supervised_name, "-tr", "nnHarmonyTrainer", "-p", supervised_plans, "-c", args.configuration, "-f",
+             "0", "--member", str(member_id), "-device", args.device], "supervised prediction")
+    print(f"[supervised predictions: {sup_out}]", file=sys.stderr)
+    per_label = {}
+    for t in member.tasks:
+        per_label[t.label] = [dice(np.isin(sup.read_image(sup_out / f"{c}{fe}")[0], t.values), np.isin(y, t.values))
+                              for c, _, y, _ in queries]
+    supervised = (mean_dice(per_label), {k: float(np.nanmean(v)) for k, v in per_label.items()})
+    sup_ckpt = read_weights_file(sup_model / "fold_0" / "checkpoint_final.pth")
+    return {"member": member.dataset_name, "labels": [t.label for t in member.tasks], "supports": len(support),
+            "queries": len(queries), "universeg": results, "supervised": supervised,
+            "supervised_epochs": sup_ckpt["current_epoch"], "seconds_per_case": seconds_per_case,
+            "peak_memory_mb": memory}
+
+
+def member_table(args, r: dict) -> list[str]:
+    """Markdown table of one held-out member: Dice by S for K = 1 and K = ``--ensemble``, per label."""
+    labels, sup_dice = r["labels"], r["supervised"]
+    lines = [f"| S | Dice K=1 | Dice K={args.ensemble} | x supervised (K=1) | s/case K=1 | peak MB | "
+             + " | ".join(f"{lb} K=1 / K={args.ensemble}" for lb in labels) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(labels)]
+    for S in args.support_sizes:
+        a, b = r["universeg"][(S, 1)], r["universeg"][(S, args.ensemble)]
+        ratio = a[0] / sup_dice[0] if sup_dice[0] > 0 else float("nan")
+        lines.append(f"| {S} | {a[0]:.3f} | {b[0]:.3f} | {ratio:.2f} | {r['seconds_per_case'][(S, 1)]:.2f} | "
+                     f"{r['peak_memory_mb'][S]:.0f} | "
+                     + " | ".join(f"{a[1][lb]:.3f} / {b[1][lb]:.3f}" for lb in labels) + " |")
+    lines.append(f"| supervised nnU-Net (nnHarmonyTrainer, {r['supervised_epochs']} epochs) | {sup_dice[0]:.3f} | | "
+                 "1.00 | | | " + " | ".join(f"{sup_dice[1][lb]:.3f}" for lb in labels) + " |")
+    return lines
+
+
+def summary_table(args, per_member: list[dict]) -> list[str]:
+    """One row per held-out member: K = 1 Dice by S, the supervised Dice, and the ratio at each S; the last row
+    averages the ratios over held-out members (the issue's measure: the mean over held-out tasks)."""
+    sizes = args.support_sizes
+    lines = ["| held-out member | " + " | ".join(f"S={S}" for S in sizes) + " | supervised | "
+             + " | ".join(f"x sup. S={S}" for S in sizes) + " |",
+             "|---|" + "---:|" * (2 * len(sizes) + 1)]
+    ratios = {S: [] for S in sizes}
+    for r in per_member:
+        sup_dice = r["supervised"][0]
+        row = [r["universeg"][(S, 1)][0] for S in sizes]
+        rat = [v / sup_dice if sup_dice > 0 else float("nan") for v in row]
+        for S, v in zip(sizes, rat):
+            ratios[S].append(v)
+        lines.append(f"| {r['member']} | " + " | ".join(f"{v:.3f}" for v in row) + f" | {sup_dice:.3f} | "
+                     + " | ".join(f"{v:.2f}" for v in rat) + " |")
+    lines.append("| **mean over held-out members** | " + " | " * (len(sizes) - 1) + " | | "
+                 + " | ".join(f"**{np.nanmean(ratios[S]):.2f}**" for S in sizes) + " |")
+    return lines
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     work = Path(args.workdir).resolve()
@@ -148,9 +280,9 @@ def main(argv=None) -> None:
         os.environ[f"nnUNet_{k}"] = str(work / k)
     import torch
 
-    from nnharmony.data.splits import collection_fold
     from nnharmony.dataset_conversion.synthetic import make_synthetic_collection
     from nnharmony.inference import support as sup
+    from nnharmony.paths import JOINT_PLANS_NAME
     from nnharmony.planners.plan_and_preprocess import plan_and_preprocess_collection
     from nnharmony.utils.safe_load import read_weights_file
 
@@ -169,114 +301,74 @@ def main(argv=None) -> None:
             args.extra_dataset, args.extra_id, name=Path(args.extra_dataset).name.title().replace("_", ""),
             raw_root=work / "raw", link_mode="symlink", modalities=[args.extra_modality]))
     ids = [int(Path(f).name[7:10]) for f in folders]
-    if args.holdout not in ids:
-        raise SystemExit(f"--holdout {args.holdout} is not one of the members {ids}")
+    if not set(args.holdout) <= set(ids):
+        raise SystemExit(f"--holdout {args.holdout}: not all are members {ids}")
+    if len(args.holdout) >= len(ids):
+        raise SystemExit(f"--holdout {args.holdout} leaves no member to train UniverSeg on")
     workers = {args.configuration: 1}
+    supervised_names = [supervised_collection(i, h) for i, h in enumerate(args.holdout)]
+    supervised_plans = args.supervised_plans
     with contextlib.redirect_stdout(sys.stderr):  # nnU-Net's planner prints; stdout is for the table
         spec, _ = plan_and_preprocess_collection(ids, collection, [args.configuration], spec_file=args.spec,
                                                  num_processes=workers, num_processes_fingerprint=1)
-        plan_and_preprocess_collection([args.holdout], SUPERVISED, [args.configuration], num_processes=workers,
-                                       num_processes_fingerprint=1)
+        for h, name in zip(args.holdout, supervised_names):
+            plan_and_preprocess_collection([h], name, [args.configuration], num_processes=workers,
+                                           num_processes_fingerprint=1)
+            if args.supervised_batch_size:
+                sys.path.insert(0, str(Path(__file__).parent / "real_data"))
+                from plans_variant import write_variant
+
+                pre = Path(os.environ["nnUNet_preprocessed"])
+                write_variant(pre / spec.members[spec.member_index(h)].dataset_name, "nnUNetPlans",
+                              args.supervised_batch_size, args.configuration)
+                supervised_plans = write_variant(pre / name, JOINT_PLANS_NAME, args.supervised_batch_size,
+                                                 args.configuration)
     print(f"[data: {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
 
-    useg_options = {"holdout": [args.holdout], **json.loads(args.universeg_options)}
+    useg_options = {"holdout": list(args.holdout), **json.loads(args.universeg_options)}
     if "universeg" in args.train:
         train(collection, args.configuration, "UniverSegTrainer", args, useg_options, args.budget_minutes)
     if "supervised" in args.train:
-        train(SUPERVISED, args.configuration, "nnHarmonyTrainer", args, {}, args.supervised_budget_minutes,
-              args.supervised_plans)
+        for name in supervised_names:
+            train(name, args.configuration, "nnHarmonyTrainer", args, {}, args.supervised_budget_minutes,
+                  supervised_plans)
     if args.train_only:
         return
 
-    # ---- evaluation data: the held-out member's raw fold-0 cases
-    mi = spec.member_index(args.holdout)
-    member = spec.members[mi]
-    raw = Path(folders[ids.index(args.holdout)])
-    train_ids, val_ids = collection_fold(spec, 0, args.configuration)[mi]
-    fe = member.file_ending
-
-    def read(case):
-        img, spacing, _ = sup.read_image(raw / "imagesTr" / f"{case}_0000{fe}")
-        lab, _, _ = sup.read_image(raw / "labelsTr" / f"{case}{fe}")
-        return img.astype(np.float32), lab.astype(np.int64), spacing
-
-    support = [(c, *read(c)) for c in train_ids]
-    queries = [(c, *read(c)) for c in sorted(val_ids)[:args.max_queries]]
     device = torch.device(args.device)
     model_dir = work / "results" / collection / f"UniverSegTrainer__nnHarmonyPlans__{args.configuration}"
     networks, cfg = sup.load_universeg_models(model_dir, ["0"], "checkpoint_final.pth", device)
-    dim, size = int(cfg["dim"]), tuple(cfg["image_size"])
     ckpt = read_weights_file(model_dir / "fold_0" / "checkpoint_final.pth")
     useg_epochs = ckpt["current_epoch"]
+    per_member = [evaluate_member(args, spec, ids, folders, h, networks, cfg, device, name, supervised_plans, work)
+                  for h, name in zip(args.holdout, supervised_names)]
 
-    results: dict = {}
-    seconds_per_case: dict = {}
-    pools = {t.label: sup.build_support_pool([(c, x, y, sp) for c, x, y, sp in support], t.values, dim, size)
-             for t in member.tasks}
-    for S in args.support_sizes:
-        for K in (1, args.ensemble):
-            per_label: dict[str, list[float]] = {}
-            t_pred = time.perf_counter()
-            for t in member.tasks:
-                scores = []
-                for r in range(args.repeats):
-                    probs = sup.predict_cases_in_memory(networks, [(c, x, sp) for c, x, _, sp in queries],
-                                                        pools[t.label], dim, size, S, K, seed=1000 * r + S,
-                                                        device=device)
-                    scores.append([dice(probs[c] > 0.5, np.isin(y, t.values)) for c, _, y, _ in queries])
-                per_label[t.label] = list(np.nanmean(np.array(scores, dtype=float), axis=0))
-            n_pred = len(member.tasks) * args.repeats * len(queries)
-            seconds_per_case[(S, K)] = (time.perf_counter() - t_pred) / n_pred
-            results[(S, K)] = (mean_dice(per_label), {k: float(np.nanmean(v)) for k, v in per_label.items()})
+    # ---- tables
+    held = [spec.member_index(h) for h in args.holdout]
+    print(f"\n### UniverSeg on held-out {', '.join(r['member'] for r in per_member)} ({args.configuration}), "
+          f"{args.budget_minutes:g} min training (UniverSeg), {args.supervised_budget_minutes:g} min per supervised "
+          f"model, device {args.device}\n")
+    print(f"UniverSeg trained on {', '.join(m.dataset_name for i, m in enumerate(spec.members) if i not in held)} "
+          f"({useg_epochs} epochs x {args.iterations_per_epoch} it, options {json.dumps(useg_options)}); supports "
+          f"from each held-out member's fold-0 training cases, queries its validation cases, {args.repeats} seeds; "
+          f"supervised nnHarmonyTrainer (plans {supervised_plans}) on the same training cases, one model per "
+          f"held-out member.\n")
+    if len(per_member) > 1:
+        print("K = 1 Dice (mean over labels) and the ratio to the supervised model:\n")
+        print("\n".join(summary_table(args, per_member)))
+    for r in per_member:
+        print(f"\n{r['member']}: {r['supports']} support cases, {r['queries']} validation cases\n")
+        print("\n".join(member_table(args, r)))
 
-    (work / "universeg_support_size_partial.json").write_text(json.dumps(
-        {f"S{S}_K{K}": v for (S, K), v in results.items()}, indent=2))
-    # ---- supervised reference: its own fold-0 validation predictions when they cover the queries, else predicted
-    sup_model = work / "results" / SUPERVISED / f"nnHarmonyTrainer__{args.supervised_plans}__{args.configuration}"
-    sup_out = sup_model / "fold_0" / "validation" / member.dataset_name
-    if not all((sup_out / f"{c}{fe}").is_file() for c, *_ in queries):
-        sup_in, sup_out = work / "eval" / "inputs", work / "eval" / "supervised"
-        sup_in.mkdir(parents=True, exist_ok=True)
-        for c, *_ in queries:
-            target = sup_in / f"{c}_0000{fe}"
-            if not target.exists():
-                os.symlink(raw / "imagesTr" / f"{c}_0000{fe}", target)
-        run([sys.executable, "-m", "nnharmony.cli.predict", "-i", str(sup_in), "-o", str(sup_out), "-d", SUPERVISED,
-             "-tr", "nnHarmonyTrainer", "-p", args.supervised_plans, "-c", args.configuration, "-f", "0",
-             "--member", str(args.holdout), "-device", args.device], "supervised prediction")
-    print(f"[supervised predictions: {sup_out}]", file=sys.stderr)
-    per_label = {}
-    for t in member.tasks:
-        per_label[t.label] = [dice(np.isin(sup.read_image(sup_out / f"{c}{fe}")[0], t.values), np.isin(y, t.values))
-                              for c, _, y, _ in queries]
-    supervised = (mean_dice(per_label), {k: float(np.nanmean(v)) for k, v in per_label.items()})
-    sup_ckpt = read_weights_file(sup_model / "fold_0" / "checkpoint_final.pth")
+    def keyed(d):
+        return {f"S{S}_K{K}": v for (S, K), v in d.items()}
 
-    # ---- table
-    labels = [t.label for t in member.tasks]
-    print(f"\n### UniverSeg on held-out {member.dataset_name} ({args.configuration}), "
-          f"{args.budget_minutes:g} min training (UniverSeg), {args.supervised_budget_minutes:g} min (supervised), "
-          f"device {args.device}\n")
-    print(f"UniverSeg trained on {', '.join(m.dataset_name for i, m in enumerate(spec.members) if i != mi)} "
-          f"({useg_epochs} epochs x {args.iterations_per_epoch} it, options {json.dumps(useg_options)}); "
-          f"supports from {len(support)} training cases, {len(queries)} validation cases, {args.repeats} seeds; "
-          f"supervised nnHarmonyTrainer: {sup_ckpt['current_epoch']} epochs x {args.iterations_per_epoch} it on "
-          f"{len(support)} training cases.\n")
-    print(f"| S | Dice K=1 | Dice K={args.ensemble} | x supervised (K=1) | s/case K=1 | "
-          + " | ".join(f"{lb} K=1 / K={args.ensemble}" for lb in labels) + " |")
-    print("|---|---|---|---|---|" + "---|" * len(labels))
-    for S in args.support_sizes:
-        a, b = results[(S, 1)], results[(S, args.ensemble)]
-        ratio = a[0] / supervised[0] if supervised[0] > 0 else float("nan")
-        print(f"| {S} | {a[0]:.3f} | {b[0]:.3f} | {ratio:.2f} | {seconds_per_case[(S, 1)]:.2f} | "
-              + " | ".join(f"{a[1][lb]:.3f} / {b[1][lb]:.3f}" for lb in labels) + " |")
-    print(f"| supervised nnU-Net (nnHarmonyTrainer) | {supervised[0]:.3f} | | 1.00 | | "
-          + " | ".join(f"{supervised[1][lb]:.3f}" for lb in labels) + " |")
-    out = {"member": member.dataset_name, "configuration": args.configuration, "budget_minutes": args.budget_minutes,
+    out = {"configuration": args.configuration, "budget_minutes": args.budget_minutes,
            "supervised_budget_minutes": args.supervised_budget_minutes, "command": " ".join(sys.argv),
-           "universeg": {f"S{S}_K{K}": v for (S, K), v in results.items()}, "supervised": supervised,
-           "seconds_per_case": {f"S{S}_K{K}": v for (S, K), v in seconds_per_case.items()},
-           "universeg_epochs": useg_epochs, "supervised_epochs": sup_ckpt["current_epoch"], "options": useg_options}
+           "universeg_epochs": useg_epochs, "options": useg_options, "supervised_plans": supervised_plans,
+           "members": [{**r, "universeg": keyed(r["universeg"]), "seconds_per_case": keyed(r["seconds_per_case"]),
+                        "peak_memory_mb": {f"S{S}": v for S, v in r["peak_memory_mb"].items()}}
+                       for r in per_member]}
     (work / "universeg_support_size.json").write_text(json.dumps(out, indent=2))
     print(f"\n[total {time.perf_counter() - t0:.0f} s; results in {work / 'universeg_support_size.json'}]",
           file=sys.stderr)
