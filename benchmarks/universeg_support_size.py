@@ -13,7 +13,9 @@ tables (one summary row per held-out member, then one table each); not a test.
    wall-clock training (``wall_clock_budget_minutes``; held-out members are never sampled).
 3. Supervised reference, one per held-out member: a one-member collection of it, ``nnHarmonyTrainer``
    (nnU-Net's U-Net, BCE + Dice, SGD) on its fold 0 for ``--supervised-budget-minutes`` of wall clock
-   (``--supervised-batch-size N`` writes and uses a batch-N plans variant, for a CPU).
+   (``--supervised-batch-size N`` writes and uses a batch-N plans variant, for a CPU). Or
+   ``--supervised-predictions PATTERN``: existing predictions of the validation cases, e.g. those of
+   ``real_data/real_benchmark.py``'s per-dataset models, trained on the same fold-0 training cases.
 4. Evaluation on the held-out member's fold-0 validation cases, raw images (``imagesTr``) and labels, every
    foreground label of the member: UniverSeg predicts from supports drawn from the member's fold-0 TRAINING
    cases (the same cases the supervised model trained on; :mod:`nnharmony.inference.support`, slice-by-slice
@@ -88,6 +90,10 @@ def parse_args(argv=None):
     p.add_argument("--supervised-batch-size", type=int, default=None,
                    help="write and use a plans variant of the supervised collections with this batch size "
                         "(benchmarks/real_data/plans_variant.py; e.g. 4 on a CPU)")
+    p.add_argument("--supervised-predictions", default=None, metavar="PATTERN",
+                   help="use existing supervised predictions instead of training supervised models: a folder "
+                        "pattern with {member} for the dataset name holding <case><file ending> label maps, e.g. "
+                        "the validation folders of real_benchmark.py's per-dataset models")
     p.add_argument("--train-only", action="store_true", help="stop after training (evaluate in a later run)")
     p.add_argument("--iterations-per-epoch", type=int, default=50)
     p.add_argument("--support-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
@@ -208,10 +214,16 @@ def evaluate_member(args, spec, ids, folders, member_id, networks, cfg, device, 
             results[(S, K)] = (mean_dice(per_label), {k: float(np.nanmean(v)) for k, v in per_label.items()})
         memory[S] = peak_memory_mb(device)
 
-    # ---- supervised reference: its own fold-0 validation predictions when they cover the queries, else predicted
+    # ---- supervised reference: given predictions; else its own fold-0 validation predictions when they cover the
+    # queries; else predicted
     sup_model = work / "results" / supervised_name / f"nnHarmonyTrainer__{supervised_plans}__{args.configuration}"
     sup_out = sup_model / "fold_0" / "validation" / member.dataset_name
-    if not all((sup_out / f"{c}{fe}").is_file() for c, *_ in queries):
+    if args.supervised_predictions:
+        sup_out = Path(args.supervised_predictions.format(member=member.dataset_name))
+        missing = [f"{c}{fe}" for c, *_ in queries if not (sup_out / f"{c}{fe}").is_file()]
+        if missing:
+            raise SystemExit(f"--supervised-predictions {sup_out}: no prediction of {', '.join(missing[:5])}")
+    elif not all((sup_out / f"{c}{fe}").is_file() for c, *_ in queries):
         sup_in, sup_out = work / "eval" / f"inputs{member_id}", work / "eval" / f"supervised{member_id}"
         sup_in.mkdir(parents=True, exist_ok=True)
         for c, *_ in queries:
@@ -227,10 +239,11 @@ def evaluate_member(args, spec, ids, folders, member_id, networks, cfg, device, 
         per_label[t.label] = [dice(np.isin(sup.read_image(sup_out / f"{c}{fe}")[0], t.values), np.isin(y, t.values))
                               for c, _, y, _ in queries]
     supervised = (mean_dice(per_label), {k: float(np.nanmean(v)) for k, v in per_label.items()})
-    sup_ckpt = read_weights_file(sup_model / "fold_0" / "checkpoint_final.pth")
+    sup_epochs = None if args.supervised_predictions else read_weights_file(
+        sup_model / "fold_0" / "checkpoint_final.pth")["current_epoch"]
     return {"member": member.dataset_name, "labels": [t.label for t in member.tasks], "supports": len(support),
             "queries": len(queries), "universeg": results, "supervised": supervised,
-            "supervised_epochs": sup_ckpt["current_epoch"], "seconds_per_case": seconds_per_case,
+            "supervised_epochs": sup_epochs, "seconds_per_case": seconds_per_case,
             "peak_memory_mb": memory}
 
 
@@ -246,7 +259,9 @@ def member_table(args, r: dict) -> list[str]:
         lines.append(f"| {S} | {a[0]:.3f} | {b[0]:.3f} | {ratio:.2f} | {r['seconds_per_case'][(S, 1)]:.2f} | "
                      f"{r['peak_memory_mb'][S]:.0f} | "
                      + " | ".join(f"{a[1][lb]:.3f} / {b[1][lb]:.3f}" for lb in labels) + " |")
-    lines.append(f"| supervised nnU-Net (nnHarmonyTrainer, {r['supervised_epochs']} epochs) | {sup_dice[0]:.3f} | | "
+    what = ("given predictions" if r["supervised_epochs"] is None
+            else f"nnHarmonyTrainer, {r['supervised_epochs']} epochs")
+    lines.append(f"| supervised nnU-Net ({what}) | {sup_dice[0]:.3f} | | "
                  "1.00 | | | " + " | ".join(f"{sup_dice[1][lb]:.3f}" for lb in labels) + " |")
     return lines
 
@@ -311,7 +326,7 @@ def main(argv=None) -> None:
     with contextlib.redirect_stdout(sys.stderr):  # nnU-Net's planner prints; stdout is for the table
         spec, _ = plan_and_preprocess_collection(ids, collection, [args.configuration], spec_file=args.spec,
                                                  num_processes=workers, num_processes_fingerprint=1)
-        for h, name in zip(args.holdout, supervised_names):
+        for h, name in zip(args.holdout, [] if args.supervised_predictions else supervised_names):
             plan_and_preprocess_collection([h], name, [args.configuration], num_processes=workers,
                                            num_processes_fingerprint=1)
             if args.supervised_batch_size:
@@ -328,7 +343,7 @@ def main(argv=None) -> None:
     useg_options = {"holdout": list(args.holdout), **json.loads(args.universeg_options)}
     if "universeg" in args.train:
         train(collection, args.configuration, "UniverSegTrainer", args, useg_options, args.budget_minutes)
-    if "supervised" in args.train:
+    if "supervised" in args.train and not args.supervised_predictions:
         for name in supervised_names:
             train(name, args.configuration, "nnHarmonyTrainer", args, {}, args.supervised_budget_minutes,
                   supervised_plans)
@@ -351,8 +366,9 @@ def main(argv=None) -> None:
     print(f"UniverSeg trained on {', '.join(m.dataset_name for i, m in enumerate(spec.members) if i not in held)} "
           f"({useg_epochs} epochs x {args.iterations_per_epoch} it, options {json.dumps(useg_options)}); supports "
           f"from each held-out member's fold-0 training cases, queries its validation cases, {args.repeats} seeds; "
-          f"supervised nnHarmonyTrainer (plans {supervised_plans}) on the same training cases, one model per "
-          f"held-out member.\n")
+          + (f"supervised: the predictions in {args.supervised_predictions}.\n" if args.supervised_predictions else
+             f"supervised nnHarmonyTrainer (plans {supervised_plans}) on the same training cases, one model per "
+             f"held-out member.\n"))
     if len(per_member) > 1:
         print("K = 1 Dice (mean over labels) and the ratio to the supervised model:\n")
         print("\n".join(summary_table(args, per_member)))
