@@ -50,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,10 @@ def parse_args(argv=None):
                    help="use existing supervised predictions instead of training supervised models: a folder "
                         "pattern with {member} for the dataset name holding <case><file ending> label maps, e.g. "
                         "the validation folders of real_benchmark.py's per-dataset models")
+    p.add_argument("--eval-dataset", nargs="+", default=[], metavar="DIR",
+                   help="also evaluate on these nnU-Net raw datasets outside the collection (fold 0 of nnU-Net's "
+                        "split: supports from its training cases, queries its validation cases; no supervised "
+                        "reference)")
     p.add_argument("--train-only", action="store_true", help="stop after training (evaluate in a later run)")
     p.add_argument("--iterations-per-epoch", type=int, default=50)
     p.add_argument("--support-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
@@ -169,121 +174,161 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def evaluate_member(args, spec, ids, folders, member_id, networks, cfg, device, supervised_name, supervised_plans,
-                    work: Path) -> dict:
-    """In-context Dice of one held-out member by (S, K), next to its supervised model's Dice, on its fold-0
-    validation cases; seconds and peak memory per prediction by S."""
-    import torch
+@dataclass
+class EvalTarget:
+    """A dataset UniverSeg never trained on: its raw folder, binary tasks ``(label name, label values)`` and fold-0
+    cases (supports come from ``train_ids``, queries are ``val_ids``)."""
 
+    name: str
+    raw: Path
+    file_ending: str
+    tasks: list[tuple[str, tuple[int, ...]]]
+    train_ids: list[str]
+    val_ids: list[str]
+    member_id: int | None = None  # its id in the collection (None: a dataset outside it, --eval-dataset)
+
+
+def held_out_target(spec, ids, folders, member_id: int, configuration: str) -> EvalTarget:
+    """A held-out member of the collection, with the collection's fold 0."""
     from nnharmony.data.splits import collection_fold
-    from nnharmony.inference import support as sup
-    from nnharmony.utils.safe_load import read_weights_file
 
     mi = spec.member_index(member_id)
     member = spec.members[mi]
-    raw = Path(folders[ids.index(member_id)])
-    train_ids, val_ids = collection_fold(spec, 0, args.configuration)[mi]
-    fe = member.file_ending
+    train_ids, val_ids = collection_fold(spec, 0, configuration)[mi]
+    return EvalTarget(member.dataset_name, Path(folders[ids.index(member_id)]), member.file_ending,
+                      [(t.label, tuple(t.values)) for t in member.tasks], list(train_ids), list(val_ids), member_id)
+
+
+def extra_target(folder: Path) -> EvalTarget:
+    """An nnU-Net raw dataset outside the collection (``--eval-dataset``): every label with integer values is a
+    task; fold 0 of nnU-Net's 5-fold split of its cases (grouped as its dataset.json says)."""
+    from nnharmony.data.splits import case_groups, crossval_split
+
+    meta = json.loads((folder / "dataset.json").read_text())
+    fe = meta["file_ending"]
+    cases = sorted(f.name[: -len(fe)] for f in (folder / "labelsTr").iterdir() if f.name.endswith(fe))
+    fold0 = crossval_split(cases, case_groups(meta, cases))[0]
+    tasks = [(name, tuple(v) if isinstance(v, (list, tuple)) else (int(v),))
+             for name, v in meta["labels"].items() if name != "background"]
+    return EvalTarget(folder.name, folder, fe, tasks, fold0["train"], fold0["val"])
+
+
+def evaluate_target(args, target: EvalTarget, networks, cfg, device, supervised_dir: Path | None) -> dict:
+    """In-context Dice of one unseen dataset by (S, K) on its fold-0 validation cases, next to the supervised
+    predictions in ``supervised_dir`` (when given); seconds and peak memory per prediction by S."""
+    import torch
+
+    from nnharmony.inference import support as sup
+
+    raw, fe = target.raw, target.file_ending
 
     def read(case):
         img, spacing, _ = sup.read_image(raw / "imagesTr" / f"{case}_0000{fe}")
         lab, _, _ = sup.read_image(raw / "labelsTr" / f"{case}{fe}")
         return img.astype(np.float32), lab.astype(np.int64), spacing
 
-    support = [(c, *read(c)) for c in train_ids]
-    queries = [(c, *read(c)) for c in sorted(val_ids)[:args.max_queries]]
+    support = [(c, *read(c)) for c in target.train_ids]
+    queries = [(c, *read(c)) for c in sorted(target.val_ids)[:args.max_queries]]
     dim, size = int(cfg["dim"]), tuple(cfg["image_size"])
     results, seconds_per_case, memory = {}, {}, {}
-    pools = {t.label: sup.build_support_pool(support, t.values, dim, size) for t in member.tasks}
+    pools = {label: sup.build_support_pool(support, values, dim, size) for label, values in target.tasks}
     for S in args.support_sizes:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for K in (1, args.ensemble):
             per_label: dict[str, list[float]] = {}
             t_pred = time.perf_counter()
-            for t in member.tasks:
+            for label, values in target.tasks:
                 scores = []
                 for r in range(args.repeats):
                     probs = sup.predict_cases_in_memory(networks, [(c, x, sp) for c, x, _, sp in queries],
-                                                        pools[t.label], dim, size, S, K, seed=1000 * r + S,
+                                                        pools[label], dim, size, S, K, seed=1000 * r + S,
                                                         device=device)
-                    scores.append([dice(probs[c] > 0.5, np.isin(y, t.values)) for c, _, y, _ in queries])
-                per_label[t.label] = list(np.nanmean(np.array(scores, dtype=float), axis=0))
-            n_pred = len(member.tasks) * args.repeats * len(queries)
+                    scores.append([dice(probs[c] > 0.5, np.isin(y, values)) for c, _, y, _ in queries])
+                per_label[label] = list(np.nanmean(np.array(scores, dtype=float), axis=0))
+            n_pred = len(target.tasks) * args.repeats * len(queries)
             seconds_per_case[(S, K)] = (time.perf_counter() - t_pred) / n_pred
             results[(S, K)] = (mean_dice(per_label), {k: float(np.nanmean(v)) for k, v in per_label.items()})
         memory[S] = peak_memory_mb(device)
 
-    # ---- supervised reference: given predictions; else its own fold-0 validation predictions when they cover the
-    # queries; else predicted
-    sup_model = work / "results" / supervised_name / f"nnHarmonyTrainer__{supervised_plans}__{args.configuration}"
-    sup_out = sup_model / "fold_0" / "validation" / member.dataset_name
-    if args.supervised_predictions:
-        sup_out = Path(args.supervised_predictions.format(member=member.dataset_name))
-        missing = [f"{c}{fe}" for c, *_ in queries if not (sup_out / f"{c}{fe}").is_file()]
+    supervised = None
+    if supervised_dir is not None:
+        missing = [f"{c}{fe}" for c, *_ in queries if not (supervised_dir / f"{c}{fe}").is_file()]
         if missing:
-            raise SystemExit(f"--supervised-predictions {sup_out}: no prediction of {', '.join(missing[:5])}")
-    elif not all((sup_out / f"{c}{fe}").is_file() for c, *_ in queries):
-        sup_in, sup_out = work / "eval" / f"inputs{member_id}", work / "eval" / f"supervised{member_id}"
-        sup_in.mkdir(parents=True, exist_ok=True)
-        for c, *_ in queries:
-            target = sup_in / f"{c}_0000{fe}"
-            if not target.exists():
-                os.symlink(raw / "imagesTr" / f"{c}_0000{fe}", target)
-        run([sys.executable, "-m", "nnharmony.cli.predict", "-i", str(sup_in), "-o", str(sup_out), "-d",
-             supervised_name, "-tr", "nnHarmonyTrainer", "-p", supervised_plans, "-c", args.configuration, "-f",
-             "0", "--member", str(member_id), "-device", args.device], "supervised prediction")
-    print(f"[supervised predictions: {sup_out}]", file=sys.stderr)
-    per_label = {}
-    for t in member.tasks:
-        per_label[t.label] = [dice(np.isin(sup.read_image(sup_out / f"{c}{fe}")[0], t.values), np.isin(y, t.values))
-                              for c, _, y, _ in queries]
-    supervised = (mean_dice(per_label), {k: float(np.nanmean(v)) for k, v in per_label.items()})
-    sup_epochs = None if args.supervised_predictions else read_weights_file(
-        sup_model / "fold_0" / "checkpoint_final.pth")["current_epoch"]
-    return {"member": member.dataset_name, "labels": [t.label for t in member.tasks], "supports": len(support),
+            raise SystemExit(f"{supervised_dir}: no supervised prediction of {', '.join(missing[:5])}")
+        per_label = {label: [dice(np.isin(sup.read_image(supervised_dir / f"{c}{fe}")[0], values), np.isin(y, values))
+                             for c, _, y, _ in queries] for label, values in target.tasks}
+        supervised = (mean_dice(per_label), {k: float(np.nanmean(v)) for k, v in per_label.items()})
+    return {"member": target.name, "labels": [label for label, _ in target.tasks], "supports": len(support),
             "queries": len(queries), "universeg": results, "supervised": supervised,
-            "supervised_epochs": sup_epochs, "seconds_per_case": seconds_per_case,
-            "peak_memory_mb": memory}
+            "seconds_per_case": seconds_per_case, "peak_memory_mb": memory}
+
+
+def supervised_predictions(args, target: EvalTarget, work: Path, name: str, plans: str) -> Path:
+    """Folder of the supervised model's predictions of ``target``'s queries: ``--supervised-predictions``; else its
+    own fold-0 validation predictions when they cover the queries; else predicted now."""
+    if args.supervised_predictions:
+        return Path(args.supervised_predictions.format(member=target.name))
+    fe = target.file_ending
+    queries = sorted(target.val_ids)[:args.max_queries]
+    model = work / "results" / name / f"nnHarmonyTrainer__{plans}__{args.configuration}"
+    out = model / "fold_0" / "validation" / target.name
+    if all((out / f"{c}{fe}").is_file() for c in queries):
+        return out
+    inputs, out = work / "eval" / f"inputs{target.member_id}", work / "eval" / f"supervised{target.member_id}"
+    inputs.mkdir(parents=True, exist_ok=True)
+    for c in queries:
+        link = inputs / f"{c}_0000{fe}"
+        if not link.exists():
+            os.symlink(target.raw / "imagesTr" / f"{c}_0000{fe}", link)
+    run([sys.executable, "-m", "nnharmony.cli.predict", "-i", str(inputs), "-o", str(out), "-d", name, "-tr",
+         "nnHarmonyTrainer", "-p", plans, "-c", args.configuration, "-f", "0", "--member", str(target.member_id),
+         "-device", args.device], "supervised prediction")
+    return out
+
+
+def ratio(dice_: float, supervised: tuple | None) -> float:
+    """``dice_`` as a fraction of the supervised Dice (NaN without a supervised reference)."""
+    return dice_ / supervised[0] if supervised and supervised[0] > 0 else float("nan")
 
 
 def member_table(args, r: dict) -> list[str]:
-    """Markdown table of one held-out member: Dice by S for K = 1 and K = ``--ensemble``, per label."""
+    """Markdown table of one unseen dataset: Dice by S for K = 1 and K = ``--ensemble``, per label."""
     labels, sup_dice = r["labels"], r["supervised"]
     lines = [f"| S | Dice K=1 | Dice K={args.ensemble} | x supervised (K=1) | s/case K=1 | peak MB | "
              + " | ".join(f"{lb} K=1 / K={args.ensemble}" for lb in labels) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(labels)]
     for S in args.support_sizes:
         a, b = r["universeg"][(S, 1)], r["universeg"][(S, args.ensemble)]
-        ratio = a[0] / sup_dice[0] if sup_dice[0] > 0 else float("nan")
-        lines.append(f"| {S} | {a[0]:.3f} | {b[0]:.3f} | {ratio:.2f} | {r['seconds_per_case'][(S, 1)]:.2f} | "
-                     f"{r['peak_memory_mb'][S]:.0f} | "
+        lines.append(f"| {S} | {a[0]:.3f} | {b[0]:.3f} | {ratio(a[0], sup_dice):.2f} | "
+                     f"{r['seconds_per_case'][(S, 1)]:.2f} | {r['peak_memory_mb'][S]:.0f} | "
                      + " | ".join(f"{a[1][lb]:.3f} / {b[1][lb]:.3f}" for lb in labels) + " |")
-    what = ("given predictions" if r["supervised_epochs"] is None
-            else f"nnHarmonyTrainer, {r['supervised_epochs']} epochs")
-    lines.append(f"| supervised nnU-Net ({what}) | {sup_dice[0]:.3f} | | "
-                 "1.00 | | | " + " | ".join(f"{sup_dice[1][lb]:.3f}" for lb in labels) + " |")
+    if sup_dice:
+        lines.append(f"| supervised nnU-Net | {sup_dice[0]:.3f} | | 1.00 | | | "
+                     + " | ".join(f"{sup_dice[1][lb]:.3f}" for lb in labels) + " |")
     return lines
 
 
 def summary_table(args, per_member: list[dict]) -> list[str]:
-    """One row per held-out member: K = 1 Dice by S, the supervised Dice, and the ratio at each S; the last row
-    averages the ratios over held-out members (the issue's measure: the mean over held-out tasks)."""
+    """One row per unseen dataset: K = 1 Dice by S, the supervised Dice, and the ratio at each S; the last row
+    averages the ratios over the datasets with a supervised reference (the mean over held-out tasks)."""
     sizes = args.support_sizes
-    lines = ["| held-out member | " + " | ".join(f"S={S}" for S in sizes) + " | supervised | "
+    lines = ["| unseen dataset | " + " | ".join(f"S={S}" for S in sizes) + " | supervised | "
              + " | ".join(f"x sup. S={S}" for S in sizes) + " |",
              "|---|" + "---:|" * (2 * len(sizes) + 1)]
     ratios = {S: [] for S in sizes}
     for r in per_member:
-        sup_dice = r["supervised"][0]
         row = [r["universeg"][(S, 1)][0] for S in sizes]
-        rat = [v / sup_dice if sup_dice > 0 else float("nan") for v in row]
-        for S, v in zip(sizes, rat):
-            ratios[S].append(v)
-        lines.append(f"| {r['member']} | " + " | ".join(f"{v:.3f}" for v in row) + f" | {sup_dice:.3f} | "
+        rat = [ratio(v, r["supervised"]) for v in row]
+        if r["supervised"]:
+            for S, v in zip(sizes, rat):
+                ratios[S].append(v)
+        sup_cell = f"{r['supervised'][0]:.3f}" if r["supervised"] else "–"
+        lines.append(f"| {r['member']} | " + " | ".join(f"{v:.3f}" for v in row) + f" | {sup_cell} | "
                      + " | ".join(f"{v:.2f}" for v in rat) + " |")
-    lines.append("| **mean over held-out members** | " + " | " * (len(sizes) - 1) + " | | "
-                 + " | ".join(f"**{np.nanmean(ratios[S]):.2f}**" for S in sizes) + " |")
+    if any(ratios.values()):
+        lines.append("| **mean over held-out members** | " + " | " * (len(sizes) - 1) + " | | "
+                     + " | ".join(f"**{np.nanmean(ratios[S]):.2f}**" for S in sizes) + " |")
     return lines
 
 
@@ -355,12 +400,17 @@ def main(argv=None) -> None:
     networks, cfg = sup.load_universeg_models(model_dir, ["0"], "checkpoint_final.pth", device)
     ckpt = read_weights_file(model_dir / "fold_0" / "checkpoint_final.pth")
     useg_epochs = ckpt["current_epoch"]
-    per_member = [evaluate_member(args, spec, ids, folders, h, networks, cfg, device, name, supervised_plans, work)
-                  for h, name in zip(args.holdout, supervised_names)]
+    per_member = []
+    for h, name in zip(args.holdout, supervised_names):
+        target = held_out_target(spec, ids, folders, h, args.configuration)
+        per_member.append(evaluate_target(args, target, networks, cfg, device,
+                                          supervised_predictions(args, target, work, name, supervised_plans)))
+    for folder in args.eval_dataset:
+        per_member.append(evaluate_target(args, extra_target(Path(folder)), networks, cfg, device, None))
 
     # ---- tables
     held = [spec.member_index(h) for h in args.holdout]
-    print(f"\n### UniverSeg on held-out {', '.join(r['member'] for r in per_member)} ({args.configuration}), "
+    print(f"\n### UniverSeg on unseen datasets {', '.join(r['member'] for r in per_member)} ({args.configuration}), "
           f"{args.budget_minutes:g} min training (UniverSeg), {args.supervised_budget_minutes:g} min per supervised "
           f"model, device {args.device}\n")
     print(f"UniverSeg trained on {', '.join(m.dataset_name for i, m in enumerate(spec.members) if i not in held)} "
