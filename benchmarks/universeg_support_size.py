@@ -95,6 +95,8 @@ def parse_args(argv=None):
                    help="use existing supervised predictions instead of training supervised models: a folder "
                         "pattern with {member} for the dataset name holding <case><file ending> label maps, e.g. "
                         "the validation folders of real_benchmark.py's per-dataset models")
+    p.add_argument("--no-supervised", action="store_true",
+                   help="no supervised reference (e.g. to compare UniverSeg models only: 2d against 3d_fullres)")
     p.add_argument("--eval-dataset", nargs="+", default=[], metavar="DIR",
                    help="also evaluate on these nnU-Net raw datasets outside the collection (fold 0 of nnU-Net's "
                         "split: supports from its training cases, queries its validation cases; no supervised "
@@ -371,7 +373,8 @@ def main(argv=None) -> None:
     with contextlib.redirect_stdout(sys.stderr):  # nnU-Net's planner prints; stdout is for the table
         spec, _ = plan_and_preprocess_collection(ids, collection, [args.configuration], spec_file=args.spec,
                                                  num_processes=workers, num_processes_fingerprint=1)
-        for h, name in zip(args.holdout, [] if args.supervised_predictions else supervised_names):
+        for h, name in zip(args.holdout, [] if args.supervised_predictions or args.no_supervised
+                                                else supervised_names):
             plan_and_preprocess_collection([h], name, [args.configuration], num_processes=workers,
                                            num_processes_fingerprint=1)
             if args.supervised_batch_size:
@@ -388,7 +391,7 @@ def main(argv=None) -> None:
     useg_options = {"holdout": list(args.holdout), **json.loads(args.universeg_options)}
     if "universeg" in args.train:
         train(collection, args.configuration, "UniverSegTrainer", args, useg_options, args.budget_minutes)
-    if "supervised" in args.train and not args.supervised_predictions:
+    if "supervised" in args.train and not (args.supervised_predictions or args.no_supervised):
         for name in supervised_names:
             train(name, args.configuration, "nnHarmonyTrainer", args, {}, args.supervised_budget_minutes,
                   supervised_plans)
@@ -403,8 +406,9 @@ def main(argv=None) -> None:
     per_member = []
     for h, name in zip(args.holdout, supervised_names):
         target = held_out_target(spec, ids, folders, h, args.configuration)
-        per_member.append(evaluate_target(args, target, networks, cfg, device,
-                                          supervised_predictions(args, target, work, name, supervised_plans)))
+        reference = None if args.no_supervised else supervised_predictions(args, target, work, name,
+                                                                            supervised_plans)
+        per_member.append(evaluate_target(args, target, networks, cfg, device, reference))
     for folder in args.eval_dataset:
         per_member.append(evaluate_target(args, extra_target(Path(folder)), networks, cfg, device, None))
 
@@ -416,7 +420,8 @@ def main(argv=None) -> None:
     print(f"UniverSeg trained on {', '.join(m.dataset_name for i, m in enumerate(spec.members) if i not in held)} "
           f"({useg_epochs} epochs x {args.iterations_per_epoch} it, options {json.dumps(useg_options)}); supports "
           f"from each held-out member's fold-0 training cases, queries its validation cases, {args.repeats} seeds; "
-          + (f"supervised: the predictions in {args.supervised_predictions}.\n" if args.supervised_predictions else
+          + ("no supervised reference.\n" if args.no_supervised else
+             f"supervised: the predictions in {args.supervised_predictions}.\n" if args.supervised_predictions else
              f"supervised nnHarmonyTrainer (plans {supervised_plans}) on the same training cases, one model per "
              f"held-out member.\n"))
     if len(per_member) > 1:
