@@ -215,6 +215,20 @@ def extra_target(folder: Path) -> EvalTarget:
     return EvalTarget(folder.name, folder, fe, tasks, fold0["train"], fold0["val"])
 
 
+class SupportLabelMean:
+    """Control without the image: the mean of the support labels (resized to the network's input, like the
+    supports) as the prediction. Where a dataset's crops align its structures, this alone scores well, and the
+    in-context model's Dice is only worth what it adds to it."""
+
+    def eval(self):
+        return self
+
+    def __call__(self, target_image, support_images, support_labels):
+        import torch
+
+        return torch.logit(support_labels.float().mean(1).clamp(1e-4, 1 - 1e-4))
+
+
 def evaluate_target(args, target: EvalTarget, networks, cfg, device, supervised_dir: Path | None) -> dict:
     """In-context Dice of one unseen dataset by (S, K) on its fold-0 validation cases, next to the supervised
     predictions in ``supervised_dir`` (when given); seconds and peak memory per prediction by S."""
@@ -232,26 +246,30 @@ def evaluate_target(args, target: EvalTarget, networks, cfg, device, supervised_
     support = [(c, *read(c)) for c in target.train_ids]
     queries = [(c, *read(c)) for c in sorted(target.val_ids)[:args.max_queries]]
     dim, size = int(cfg["dim"]), tuple(cfg["image_size"])
-    results, seconds_per_case, memory = {}, {}, {}
+    results, seconds_per_case, memory, control = {}, {}, {}, {}
     pools = {label: sup.build_support_pool(support, values, dim, size) for label, values in target.tasks}
+
+    def in_context_dice(models, S: int, K: int) -> tuple[float, dict[str, float]]:
+        per_label: dict[str, list[float]] = {}
+        for label, values in target.tasks:
+            scores = []
+            for r in range(args.repeats):
+                probs = sup.predict_cases_in_memory(models, [(c, x, sp) for c, x, _, sp in queries], pools[label],
+                                                    dim, size, S, K, seed=1000 * r + S, device=device)
+                scores.append([dice(probs[c] > 0.5, np.isin(y, values)) for c, _, y, _ in queries])
+            per_label[label] = list(np.nanmean(np.array(scores, dtype=float), axis=0))
+        return mean_dice(per_label), {k: float(np.nanmean(v)) for k, v in per_label.items()}
+
     for S in args.support_sizes:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for K in (1, args.ensemble):
-            per_label: dict[str, list[float]] = {}
             t_pred = time.perf_counter()
-            for label, values in target.tasks:
-                scores = []
-                for r in range(args.repeats):
-                    probs = sup.predict_cases_in_memory(networks, [(c, x, sp) for c, x, _, sp in queries],
-                                                        pools[label], dim, size, S, K, seed=1000 * r + S,
-                                                        device=device)
-                    scores.append([dice(probs[c] > 0.5, np.isin(y, values)) for c, _, y, _ in queries])
-                per_label[label] = list(np.nanmean(np.array(scores, dtype=float), axis=0))
-            n_pred = len(target.tasks) * args.repeats * len(queries)
-            seconds_per_case[(S, K)] = (time.perf_counter() - t_pred) / n_pred
-            results[(S, K)] = (mean_dice(per_label), {k: float(np.nanmean(v)) for k, v in per_label.items()})
+            results[(S, K)] = in_context_dice(networks, S, K)
+            seconds_per_case[(S, K)] = (time.perf_counter() - t_pred) / (len(target.tasks) * args.repeats
+                                                                         * len(queries))
         memory[S] = peak_memory_mb(device)
+        control[S] = in_context_dice([SupportLabelMean()], S, 1)
 
     supervised = None
     if supervised_dir is not None:
@@ -262,7 +280,7 @@ def evaluate_target(args, target: EvalTarget, networks, cfg, device, supervised_
                              for c, _, y, _ in queries] for label, values in target.tasks}
         supervised = (mean_dice(per_label), {k: float(np.nanmean(v)) for k, v in per_label.items()})
     return {"member": target.name, "labels": [label for label, _ in target.tasks], "supports": len(support),
-            "queries": len(queries), "universeg": results, "supervised": supervised,
+            "queries": len(queries), "universeg": results, "label_average": control, "supervised": supervised,
             "seconds_per_case": seconds_per_case, "peak_memory_mb": memory}
 
 
@@ -297,16 +315,17 @@ def ratio(dice_: float, supervised: tuple | None) -> float:
 def member_table(args, r: dict) -> list[str]:
     """Markdown table of one unseen dataset: Dice by S for K = 1 and K = ``--ensemble``, per label."""
     labels, sup_dice = r["labels"], r["supervised"]
-    lines = [f"| S | Dice K=1 | Dice K={args.ensemble} | x supervised (K=1) | s/case K=1 | peak MB | "
+    lines = [f"| S | Dice K=1 | Dice K={args.ensemble} | label average | x supervised (K=1) | s/case K=1 | peak MB | "
              + " | ".join(f"{lb} K=1 / K={args.ensemble}" for lb in labels) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(labels)]
+             "|---|---|---|---|---|---|---|" + "---|" * len(labels)]
     for S in args.support_sizes:
         a, b = r["universeg"][(S, 1)], r["universeg"][(S, args.ensemble)]
-        lines.append(f"| {S} | {a[0]:.3f} | {b[0]:.3f} | {ratio(a[0], sup_dice):.2f} | "
+        lines.append(f"| {S} | {a[0]:.3f} | {b[0]:.3f} | {r['label_average'][S][0]:.3f} | "
+                     f"{ratio(a[0], sup_dice):.2f} | "
                      f"{r['seconds_per_case'][(S, 1)]:.2f} | {r['peak_memory_mb'][S]:.0f} | "
                      + " | ".join(f"{a[1][lb]:.3f} / {b[1][lb]:.3f}" for lb in labels) + " |")
     if sup_dice:
-        lines.append(f"| supervised nnU-Net | {sup_dice[0]:.3f} | | 1.00 | | | "
+        lines.append(f"| supervised nnU-Net | {sup_dice[0]:.3f} | | | 1.00 | | | "
                      + " | ".join(f"{sup_dice[1][lb]:.3f}" for lb in labels) + " |")
     return lines
 
@@ -438,7 +457,8 @@ def main(argv=None) -> None:
            "supervised_budget_minutes": args.supervised_budget_minutes, "command": " ".join(sys.argv),
            "universeg_epochs": useg_epochs, "options": useg_options, "supervised_plans": supervised_plans,
            "members": [{**r, "universeg": keyed(r["universeg"]), "seconds_per_case": keyed(r["seconds_per_case"]),
-                        "peak_memory_mb": {f"S{S}": v for S, v in r["peak_memory_mb"].items()}}
+                        "peak_memory_mb": {f"S{S}": v for S, v in r["peak_memory_mb"].items()},
+                        "label_average": {f"S{S}_K1": v for S, v in r["label_average"].items()}}
                        for r in per_member]}
     (work / "universeg_support_size.json").write_text(json.dumps(out, indent=2))
     print(f"\n[total {time.perf_counter() - t0:.0f} s; results in {work / 'universeg_support_size.json'}]",
