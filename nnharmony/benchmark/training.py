@@ -162,9 +162,12 @@ def _train_one(trainer, t, budget: Budget, seconds: float | None, defer_plot: bo
     """Options, training and (unless ``validate`` is False) the final validation of one built trainer."""
     from nnunetv2.run.run_training import maybe_load_checkpoint
 
+    from nnharmony.trainers.mirroring import apply_to_nnunet_trainer
     from nnharmony.trainers.run import apply_options
 
     apply_options(trainer, t)
+    if not hasattr(trainer, "mirroring"):  # plain nnU-Net (per-dataset models): nnharmony's mirroring policy too
+        apply_to_nnunet_trainer(trainer)
     if seconds is not None and hasattr(trainer, "wall_clock_budget_minutes") and not budget.fitted:
         trainer.wall_clock_budget_minutes = seconds / 60
     fitter = EpochsInMinutes(trainer, seconds, clock=budget.clock) if budget.fitted else None

@@ -63,6 +63,8 @@ class nnHarmonyTrainer(nnUNetTrainer):
         self.adamw_lr = 1e-3
         #: set by nnharmony_adapt: only ``adaptation_parameters`` are optimised
         self.adaptation_mode = False
+        #: 'auto': no mirroring augmentation when a label names a body side (:mod:`.mirroring`); 'on'; 'off'
+        self.mirroring = "auto"
         #: stop after the epoch in which this many minutes of training have passed (None: epochs decide)
         self.wall_clock_budget_minutes: float | None = None
         self._train_start_time: float | None = None
@@ -150,6 +152,15 @@ class nnHarmonyTrainer(nnUNetTrainer):
             plans_identifier=self.joint_plan.member_plans_identifier,
             da_params=da_params, trainer_class=type(self), pin_memory=self.device.type == "cuda",
         )
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        from nnharmony.trainers.mirroring import mirroring_wanted, without_mirroring
+
+        configure = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size
+        labels = [t.label for m in self.spec.members for t in m.tasks]
+        if mirroring_wanted(self.mirroring, labels, self.print_to_log_file):
+            return configure()
+        return without_mirroring(self, configure)
 
     #: networks with parameters that do not reach the loss every step (e.g. UniverSeg's last support conv)
     ddp_find_unused_parameters = False
