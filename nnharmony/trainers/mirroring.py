@@ -37,10 +37,12 @@ def mirroring_wanted(mode: str, label_names: Iterable[str], log: Callable[[str],
     return not sided
 
 
-def without_mirroring(trainer, configure: Callable[[], tuple]) -> tuple:
-    """``configure()`` (nnU-Net's ``configure_rotation_dummyDA_mirroring_and_inital_patch_size``) with no mirror
-    axes, and none for prediction either."""
-    rotation, dummy_2d, initial_patch_size, _ = configure()
+def configure_with_policy(trainer, configure: Callable[[], tuple], mode: str, label_names: Iterable[str]) -> tuple:
+    """``configure()`` (nnU-Net's ``configure_rotation_dummyDA_mirroring_and_inital_patch_size``), with no mirror
+    axes for training and none for prediction where ``mode`` and the labels say so."""
+    rotation, dummy_2d, initial_patch_size, mirror_axes = configure()
+    if mirroring_wanted(mode, label_names, trainer.print_to_log_file):
+        return rotation, dummy_2d, initial_patch_size, mirror_axes
     trainer.inference_allowed_mirroring_axes = None
     return rotation, dummy_2d, initial_patch_size, None
 
@@ -49,7 +51,6 @@ def apply_to_nnunet_trainer(trainer, mode: str = "auto") -> None:
     """The same policy for a plain nnU-Net trainer instance (the per-dataset baseline of the benchmark), from its
     dataset.json labels."""
     labels = [k for k in trainer.dataset_json.get("labels", {}) if k != "background"]
-    if not mirroring_wanted(mode, labels, trainer.print_to_log_file):
-        configure = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size
-        trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size = (
-            lambda: without_mirroring(trainer, configure))
+    configure = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size
+    trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size = (
+        lambda: configure_with_policy(trainer, configure, mode, labels))

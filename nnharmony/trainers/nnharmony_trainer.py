@@ -154,13 +154,10 @@ class nnHarmonyTrainer(nnUNetTrainer):
         )
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        from nnharmony.trainers.mirroring import mirroring_wanted, without_mirroring
+        from nnharmony.trainers.mirroring import configure_with_policy
 
-        configure = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size
-        labels = [t.label for m in self.spec.members for t in m.tasks]
-        if mirroring_wanted(self.mirroring, labels, self.print_to_log_file):
-            return configure()
-        return without_mirroring(self, configure)
+        return configure_with_policy(self, super().configure_rotation_dummyDA_mirroring_and_inital_patch_size,
+                                     self.mirroring, [t.label for m in self.spec.members for t in m.tasks])
 
     #: networks with parameters that do not reach the loss every step (e.g. UniverSeg's last support conv)
     ddp_find_unused_parameters = False
