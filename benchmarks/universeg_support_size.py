@@ -189,6 +189,10 @@ class EvalTarget:
     val_ids: list[str]
     member_id: int | None = None  # its id in the collection (None: a dataset outside it, --eval-dataset)
 
+    def query_ids(self, limit: int | None) -> list[str]:
+        """The validation cases segmented: the first ``limit`` in sorted order (all when None)."""
+        return sorted(self.val_ids)[:limit]
+
 
 def held_out_target(spec, ids, folders, member_id: int, configuration: str) -> EvalTarget:
     """A held-out member of the collection, with the collection's fold 0."""
@@ -244,7 +248,7 @@ def evaluate_target(args, target: EvalTarget, networks, cfg, device, supervised_
         return img.astype(np.float32), lab.astype(np.int64), spacing
 
     support = [(c, *read(c)) for c in target.train_ids]
-    queries = [(c, *read(c)) for c in sorted(target.val_ids)[:args.max_queries]]
+    queries = [(c, *read(c)) for c in target.query_ids(args.max_queries)]
     dim, size = int(cfg["dim"]), tuple(cfg["image_size"])
     results, seconds_per_case, memory, control = {}, {}, {}, {}
     pools = {label: sup.build_support_pool(support, values, dim, size) for label, values in target.tasks}
@@ -276,8 +280,9 @@ def evaluate_target(args, target: EvalTarget, networks, cfg, device, supervised_
         missing = [f"{c}{fe}" for c, *_ in queries if not (supervised_dir / f"{c}{fe}").is_file()]
         if missing:
             raise SystemExit(f"{supervised_dir}: no supervised prediction of {', '.join(missing[:5])}")
-        per_label = {label: [dice(np.isin(sup.read_image(supervised_dir / f"{c}{fe}")[0], values), np.isin(y, values))
-                             for c, _, y, _ in queries] for label, values in target.tasks}
+        predicted = {c: sup.read_image(supervised_dir / f"{c}{fe}")[0] for c, *_ in queries}
+        per_label = {label: [dice(np.isin(predicted[c], values), np.isin(y, values)) for c, _, y, _ in queries]
+                     for label, values in target.tasks}
         supervised = (mean_dice(per_label), {k: float(np.nanmean(v)) for k, v in per_label.items()})
     return {"member": target.name, "labels": [label for label, _ in target.tasks], "supports": len(support),
             "queries": len(queries), "universeg": results, "label_average": control, "supervised": supervised,
@@ -290,7 +295,7 @@ def supervised_predictions(args, target: EvalTarget, work: Path, name: str, plan
     if args.supervised_predictions:
         return Path(args.supervised_predictions.format(member=target.name))
     fe = target.file_ending
-    queries = sorted(target.val_ids)[:args.max_queries]
+    queries = target.query_ids(args.max_queries)
     model = work / "results" / name / f"nnHarmonyTrainer__{plans}__{args.configuration}"
     out = model / "fold_0" / "validation" / target.name
     if all((out / f"{c}{fe}").is_file() for c in queries):
@@ -389,17 +394,17 @@ def main(argv=None) -> None:
     workers = {args.configuration: 1}
     supervised_names = [supervised_collection(i, h) for i, h in enumerate(args.holdout)]
     supervised_plans = args.supervised_plans
+    train_supervised = not (args.supervised_predictions or args.no_supervised)
+    if args.supervised_batch_size:
+        sys.path.insert(0, str(Path(__file__).parent / "real_data"))
+        from plans_variant import write_variant
     with contextlib.redirect_stdout(sys.stderr):  # nnU-Net's planner prints; stdout is for the table
         spec, _ = plan_and_preprocess_collection(ids, collection, [args.configuration], spec_file=args.spec,
                                                  num_processes=workers, num_processes_fingerprint=1)
-        for h, name in zip(args.holdout, [] if args.supervised_predictions or args.no_supervised
-                                                else supervised_names):
+        for h, name in zip(args.holdout, supervised_names if train_supervised else []):
             plan_and_preprocess_collection([h], name, [args.configuration], num_processes=workers,
                                            num_processes_fingerprint=1)
             if args.supervised_batch_size:
-                sys.path.insert(0, str(Path(__file__).parent / "real_data"))
-                from plans_variant import write_variant
-
                 pre = Path(os.environ["nnUNet_preprocessed"])
                 write_variant(pre / spec.members[spec.member_index(h)].dataset_name, "nnUNetPlans",
                               args.supervised_batch_size, args.configuration)
@@ -410,7 +415,7 @@ def main(argv=None) -> None:
     useg_options = {"holdout": list(args.holdout), **json.loads(args.universeg_options)}
     if "universeg" in args.train:
         train(collection, args.configuration, "UniverSegTrainer", args, useg_options, args.budget_minutes)
-    if "supervised" in args.train and not (args.supervised_predictions or args.no_supervised):
+    if "supervised" in args.train and train_supervised:
         for name in supervised_names:
             train(name, args.configuration, "nnHarmonyTrainer", args, {}, args.supervised_budget_minutes,
                   supervised_plans)
