@@ -24,7 +24,7 @@ liver (as organ datasets do); members that annotate neither leave them backgroun
 
 Anatomy (per case, deterministic in ``(seed, member index, case index)`` only, so case 3 is the same whatever
 ``num_cases`` is): an elliptic body with a subcutaneous fat layer, spine with vertebrae and discs, aorta, two
-bean-shaped kidneys (one touching the liver), spleen, a wedge-shaped liver and 1-3 lesions of varying size inside
+bean-shaped kidneys in perirenal fat (one touching the liver), spleen, a wedge-shaped liver and 1-3 lesions of varying size inside
 it; organ sizes, positions and orientations vary, organ surfaces wobble and the whole phantom is smoothly
 deformed. Partial volume: analytic fractional occupancy at the voxel edge (and sub-slice rendering averaged
 over thick slices); labels take the tissue with the largest volume fraction in each voxel. Then a point-spread
@@ -56,7 +56,7 @@ from scipy import ndimage
 
 from nnharmony.data.collection import CollectionError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 TISSUES = ("air", "fat", "soft", "disc", "bone", "blood", "kidney", "spleen", "liver", "lesion")
 
@@ -223,6 +223,8 @@ def _phantom_objects(rng: np.random.Generator, x, y, z, half: tuple[float, float
         kd = _ellipsoid_distance(X, Y, Z, c, r, ang) - wobble(0.03 * hx)
         hil_c = (c[0] - side * 0.75 * r[0] * np.cos(ang), c[1] - 0.75 * r[0] * np.sin(abs(ang)), c[2])
         hil = _occupancy(_ellipsoid_distance(X, Y, Z, hil_c, (0.45 * r[0],) * 2 + (0.5 * r[2],)), w)
+        # perirenal fat: the rim that outlines a kidney on T1 MRI, where kidney and muscle have similar signal
+        objs.append(_Object("fat", None, _occupancy(kd - rng.uniform(0.04, 0.07) * hx, w)))
         objs.append(_Object("kidney", "kidney", _occupancy(kd, w) * (1 - hil)))
     # spleen
     s = rng.uniform(0.7, 1.3)
