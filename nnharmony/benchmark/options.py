@@ -45,9 +45,11 @@ class Preset:
 #: ``nnharmony_benchmark --quick``: the newcomer's first run, aimed at trained models within 10 minutes on an idle
 #: 2-core CPU. Why these values (README, "The main job"): 2D (a CPU trains a 2D U-Net step in a fraction of a 3D
 #: one's time and the slices give many samples per case), small images (48 mm field of view at about 1 mm), one
-#: planning, every method in this process, a narrower network and smaller batch (:mod:`.plans_variant`), 8 epochs
-#: fitted into 1.5 minutes of the process's CPU time per method (the learning rate decays to zero; a busy machine
-#: stretches the wall time but not the compute, so the Dice does not depend on what else runs), seed 0.
+#: planning, every method in this process, a narrower network and batch 4 (:mod:`.plans_variant`: within a CPU
+#: budget batch 4 makes twice the updates of batch 8 and learnt more, see the README), 8 epochs
+#: fitted into 1.5 minutes of the process's CPU time per method (the learning rate decays to zero; CPU time, not
+#: wall time, so other jobs cost far fewer steps than a wall-clock budget would, though not none: a CPU second
+#: buys fewer steps on a busy machine, see the README), seed 0.
 QUICK = Preset(
     collection="Collection960_Quick", first_id=961, members="quick", num_cases=0, shape=(20, 48, 48),
     budget="8x1.5cpumin", configuration="2d", support_size=8, seed=0,
@@ -58,7 +60,7 @@ QUICK = Preset(
     trainer_options={**{m: {"optimizer_name": "adamw"} for m in ("joint", "separate_heads", "uharmony", "hermes")},
                      "universeg": {"image_size": 48, "episode_batch_size": 4, "support_size": 8,
                                    "encoder_blocks": [32, 32, 32, 32]}},
-    nsd_tolerance_mm=1.0, num_processes=1, plans_variant=PlansVariant("quick", base_features=16, max_batch_size=8),
+    nsd_tolerance_mm=1.0, num_processes=1, plans_variant=PlansVariant("quick", base_features=16, max_batch_size=4),
     cpu_threads=1,
 )
 
