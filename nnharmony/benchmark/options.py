@@ -46,7 +46,7 @@ class Preset:
 #: 2-core CPU. Why these values (README, "The main job"): 2D (a CPU trains a 2D U-Net step in a fraction of a 3D
 #: one's time and the slices give many samples per case), small images (48 mm field of view at about 1 mm), one
 #: planning, every method in this process, a narrower network and batch 4 (:mod:`.plans_variant`: within a CPU
-#: budget batch 4 makes twice the updates of batch 8 and learnt more, see the README), 8 epochs
+#: budget batch 4 makes more updates than batch 8 and learnt more, see the README), 8 epochs
 #: fitted into 1.5 minutes of the process's CPU time per method (the learning rate decays to zero; CPU time, not
 #: wall time, so other jobs cost far fewer steps than a wall-clock budget would, though not none: a CPU second
 #: buys fewer steps on a busy machine, see the README), seed 0.
