@@ -26,9 +26,9 @@ Anatomy (per case, deterministic in ``(seed, member index, case index)`` only, s
 ``num_cases`` is): an elliptic body with a subcutaneous fat layer, spine with vertebrae and discs, aorta, two
 bean-shaped kidneys in perirenal fat (one touching the liver), spleen, a wedge-shaped liver and 1-3 lesions of
 varying size inside it; organ sizes, positions and orientations vary, organ surfaces wobble and the whole
-phantom is smoothly deformed. Partial volume: analytic fractional occupancy at the voxel edge (and sub-slice rendering averaged
-over thick slices); labels take the tissue with the largest volume fraction in each voxel. Then a point-spread
-blur, noise and (MR) a multiplicative bias field and random gain. The field of view is ``shape`` x 1 mm for
+phantom is smoothly deformed. Partial volume: analytic fractional occupancy at the voxel edge (and sub-slice
+rendering averaged over thick slices); labels take the tissue with the largest volume fraction in each voxel.
+Then a point-spread blur, noise and (MR) a multiplicative bias field and random gain. The field of view is ``shape`` x 1 mm for
 every member, so the anatomy has the same physical size and the voxel grids differ (901: 48^3 voxels; 902:
 16 x 48 x 48; 903: 40^3 for the default shape), with a +-8 % per-case jitter of the grid size.
 
