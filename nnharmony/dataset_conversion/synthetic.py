@@ -28,9 +28,9 @@ bean-shaped kidneys in perirenal fat (one touching the liver), spleen, a wedge-s
 varying size inside it; organ sizes, positions and orientations vary, organ surfaces wobble and the whole
 phantom is smoothly deformed. Partial volume: analytic fractional occupancy at the voxel edge (and sub-slice
 rendering averaged over thick slices); labels take the tissue with the largest volume fraction in each voxel.
-Then a point-spread blur, noise and (MR) a multiplicative bias field and random gain. The field of view is ``shape`` x 1 mm for
-every member, so the anatomy has the same physical size and the voxel grids differ (901: 48^3 voxels; 902:
-16 x 48 x 48; 903: 40^3 for the default shape), with a +-8 % per-case jitter of the grid size.
+Then a point-spread blur, noise and (MR) a multiplicative bias field and random gain. The field of view is
+``shape`` x 1 mm for every member, so the anatomy has the same physical size and the voxel grids differ (901:
+48^3 voxels; 902: 16 x 48 x 48; 903: 40^3 for the default shape), with a +-8 % per-case jitter of the grid size.
 
 ``QUICK_MEMBERS`` is the collection of ``nnharmony_benchmark --quick`` (``nnharmony_make_synthetic --preset quick``):
 CT (liver, spleen, kidney), thick-slice T1 MRI (liver, kidney) and a T2 member with only 3 training cases that
