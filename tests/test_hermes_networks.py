@@ -298,3 +298,20 @@ def test_task_layout_helpers():
     g = gather_tasks(tgt, ids)
     assert torch.equal(g[0], tgt[0, [1, 3, 4]]) and torch.equal(g[1, 0], tgt[1, 2])
     assert (g[1, 1:] == 0).all()
+
+
+def test_loss_average_samples_weighs_every_sample_once():
+    """'samples': a sample with one task weighs as much as a sample with three (official 'pairs': 1/4)."""
+    torch.manual_seed(0)
+    logits, target = torch.randn(3, 3, 6, 6), (torch.rand(3, 3, 6, 6) > 0.5).float()
+    mask = torch.tensor([[True, True, True], [True, False, False], [False, False, False]])
+    per_pair = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((2, 3))
+    by_sample = (per_pair[0].mean() + per_pair[1, 0]) / 2
+    assert torch.allclose(masked_bce(logits, target, mask, "samples"), by_sample)
+    assert not torch.allclose(masked_bce(logits, target, mask, "pairs"), by_sample)
+    one_task = adaptive_dice(logits[1:2, :1], target[1:2, :1], mask[1:2, :1])
+    three_tasks = adaptive_dice(logits[:1], target[:1], mask[:1])
+    assert torch.allclose(adaptive_dice(logits, target, mask, average="samples"), (one_task + three_tasks) / 2)
+    assert HermesLoss(average="samples")(logits, target, torch.zeros_like(mask)).item() == 0
+    with pytest.raises(ValueError, match="average"):
+        HermesLoss(average="tasks")

@@ -46,6 +46,9 @@ def test_config_defaults_and_legacy_records():
         HermesConfig(input_mode="stacked")
     with pytest.raises(ValueError, match="recipe"):
         HermesConfig(recipe="paper")
+    assert HermesConfig().loss_average == "pairs"  # the official averaging
+    with pytest.raises(ValueError, match="loss_average"):
+        HermesConfig(loss_average="tasks")
     # a model trained before the shared input existed keeps its per-slot stem
     legacy = {"nnharmony": {"hermes": {k: v for k, v in HermesConfig().to_dict().items() if k != "input_mode"}}}
     assert hermes_config_from_plans(legacy).input_mode == "per_slot"

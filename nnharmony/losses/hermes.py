@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["masked_bce", "adaptive_dice", "HermesLoss"]
+__all__ = ["AVERAGES", "masked_bce", "adaptive_dice", "HermesLoss"]
 
 
 def _check(logits: torch.Tensor, target: torch.Tensor, task_mask: torch.Tensor):
@@ -32,10 +32,22 @@ def _check(logits: torch.Tensor, target: torch.Tensor, task_mask: torch.Tensor):
     return mask, lg, target.float()
 
 
-def _mean_over_pairs(per_pair: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of (B, T) values over the supervised pairs; 0 when none."""
+#: how (sample, task) pair values are averaged: "pairs" (official: every supervised pair counts once, so a
+#: sample with 13 tasks weighs 13x a sample with one) or "samples" (each sample's mean over its tasks, then the
+#: mean over samples: every sample counts once, whatever its member's number of tasks)
+AVERAGES = ("pairs", "samples")
+
+
+def _mean_over_pairs(per_pair: torch.Tensor, mask: torch.Tensor, average: str = "pairs") -> torch.Tensor:
+    """Mean of (B, T) values over the supervised pairs (``average``, see :data:`AVERAGES`); 0 when none."""
     picked = torch.where(mask, per_pair, torch.zeros((), dtype=per_pair.dtype, device=per_pair.device))
-    return picked.sum() / mask.sum().clamp_min(1)
+    if average == "pairs":
+        return picked.sum() / mask.sum().clamp_min(1)
+    if average != "samples":
+        raise ValueError(f"average must be one of {AVERAGES}, not {average!r}")
+    tasks = mask.sum(1)
+    per_sample = picked.sum(1) / tasks.clamp_min(1)
+    return per_sample.sum() / (tasks > 0).sum().clamp_min(1)
 
 
 def _zero(logits: torch.Tensor) -> torch.Tensor:
@@ -43,22 +55,24 @@ def _zero(logits: torch.Tensor) -> torch.Tensor:
     return logits.flatten()[:0].float().sum()
 
 
-def masked_bce(logits: torch.Tensor, target: torch.Tensor, task_mask: torch.Tensor) -> torch.Tensor:
+def masked_bce(logits: torch.Tensor, target: torch.Tensor, task_mask: torch.Tensor,
+               average: str = "pairs") -> torch.Tensor:
     """Mean over supervised (sample, task) pairs of the voxel-mean BCE-with-logits; 0 when none."""
     mask, lg, tg = _check(logits, target, task_mask)
     per_pair = F.binary_cross_entropy_with_logits(lg, tg, reduction="none").flatten(2).mean(2)
-    return _mean_over_pairs(per_pair, mask)
+    return _mean_over_pairs(per_pair, mask, average)
 
 
 def adaptive_dice(logits: torch.Tensor, target: torch.Tensor, task_mask: torch.Tensor,
-                  smooth: float = 1e-6, alpha_range=(0.2, 0.8)) -> torch.Tensor:
+                  smooth: float = 1e-6, alpha_range=(0.2, 0.8), average: str = "pairs") -> torch.Tensor:
     """Tversky-style soft Dice loss with adaptive weights, per supervised (sample, task) pair::
 
         p = sigmoid(logits); TP = sum p*y; FP = sum p*(1-y); FN = sum (1-p)*y
         alpha = clamp(FP / (FP + FN + smooth), 0.2, 0.8); beta = 1 - alpha
         loss = 1 - TP / (TP + alpha*FP + beta*FN + smooth)
 
-    averaged over the supervised pairs only (0 when none). As in the official code, alpha is not detached.
+    averaged over the supervised pairs only (0 when none; ``average``, see :data:`AVERAGES`). As in the
+    official code, alpha is not detached.
     """
     mask, lg, tg = _check(logits, target, task_mask)
     p = torch.sigmoid(lg).flatten(2)
@@ -68,12 +82,13 @@ def adaptive_dice(logits: torch.Tensor, target: torch.Tensor, task_mask: torch.T
     fn = ((1 - p) * tg).sum(2)
     alpha = (fp / (fp + fn + smooth)).clamp(*alpha_range)
     dice = tp / (tp + alpha * fp + (1 - alpha) * fn + smooth)
-    return _mean_over_pairs(1 - dice, mask)
+    return _mean_over_pairs(1 - dice, mask, average)
 
 
 class HermesLoss(nn.Module):
     """``bce_weight * BCE + dice_weight * Dice`` (summed over deep-supervision scales with ``ds_weights``)
-    ``+ mod_weight * CE(modality_logits, modality_id, ignore_index=-1)``.
+    ``+ mod_weight * CE(modality_logits, modality_id, ignore_index=-1)``. ``average``: how the BCE and Dice
+    of the supervised (sample, task) pairs are averaged (:data:`AVERAGES`; official: "pairs").
 
     ``forward(seg, target, task_mask, modality_logits=None, modality_id=None)``: ``seg``/``target`` a tensor
     ``(B, T, *sp)`` or lists over DS scales (highest resolution first, same length). ``ds_weights=None`` uses
@@ -83,8 +98,11 @@ class HermesLoss(nn.Module):
     """
 
     def __init__(self, mod_weight: float = 0.01, bce_weight: float = 1.0, dice_weight: float = 1.0,
-                 ds_weights: Optional[Sequence[float]] = None, smooth: float = 1e-6):
+                 ds_weights: Optional[Sequence[float]] = None, smooth: float = 1e-6, average: str = "pairs"):
         super().__init__()
+        if average not in AVERAGES:
+            raise ValueError(f"average must be one of {AVERAGES}, not {average!r}")
+        self.average = average
         self.mod_weight, self.bce_weight, self.dice_weight = float(mod_weight), float(bce_weight), float(dice_weight)
         self.ds_weights = None if ds_weights is None else [float(w) for w in ds_weights]
         self.smooth = smooth
@@ -110,7 +128,8 @@ class HermesLoss(nn.Module):
         for w, lg, tg in zip(self._weights(len(seg)), seg, target):
             if w == 0:
                 continue
-            b, d = masked_bce(lg, tg, task_mask), adaptive_dice(lg, tg, task_mask, self.smooth)
+            b = masked_bce(lg, tg, task_mask, self.average)
+            d = adaptive_dice(lg, tg, task_mask, self.smooth, average=self.average)
             bce = w * b if bce is None else bce + w * b
             dice = w * d if dice is None else dice + w * d
         if bce is None:

@@ -56,7 +56,7 @@ from torch import nn
 
 from nnharmony.data.collection import CollectionSpec
 from nnharmony.inference.auto_member import central_patch
-from nnharmony.losses.hermes import HermesLoss
+from nnharmony.losses.hermes import AVERAGES as LOSS_AVERAGES, HermesLoss
 from nnharmony.losses.partial_label import nnunet_deep_supervision_weights
 from nnharmony.networks.hermes import (
     HermesUNet,
@@ -121,7 +121,9 @@ class HermesConfig(MethodConfig):
     training and at inference, gets the unknown-modality tokens (one shared learned set) and the modality loss
     is off.
 
-    Training: ``bce_weight``, ``dice_weight``, ``mod_weight`` (paper: 1, 1, 0.01);
+    Training: ``bce_weight``, ``dice_weight``, ``mod_weight`` (paper: 1, 1, 0.01); ``loss_average``: 'pairs'
+    (official: the mean over supervised (sample, task) pairs, so a member with many tasks dominates the loss)
+    or 'samples' (each sample's mean over its tasks, then over samples; see the README's R2 benchmark);
     ``unknown_modality_prob``: probability that a training sample's modality prior is replaced by the
     unknown-modality token (the modality loss still uses the true modality). nnharmony addition (the
     official code uses the unknown token only for AMOS-MR): it trains the token and the modality head that
@@ -141,6 +143,7 @@ class HermesConfig(MethodConfig):
     bce_weight: float = 1.0
     dice_weight: float = 1.0
     mod_weight: float = 0.01
+    loss_average: str = "pairs"
     unknown_modality_prob: float = 0.1
     input_mode: str = "shared"
     input_channels: int | None = None
@@ -164,6 +167,8 @@ class HermesConfig(MethodConfig):
             raise ValueError("hermes: heads must be >= 1 (or null for C // 32)")
         if min(self.bce_weight, self.dice_weight, self.mod_weight) < 0:
             raise ValueError("hermes: loss weights must be >= 0")
+        if self.loss_average not in LOSS_AVERAGES:
+            raise ValueError(f"hermes: loss_average must be one of {LOSS_AVERAGES}, got {self.loss_average!r}")
         if not 0 <= self.unknown_modality_prob <= 1:
             raise ValueError("hermes: unknown_modality_prob must be in [0, 1]")
         if self.input_mode not in INPUT_MODES:
@@ -381,7 +386,7 @@ class HermesTrainer(nnHarmonyTrainer):
         if self.enable_deep_supervision:
             weights = nnunet_deep_supervision_weights(len(self._get_deep_supervision_scales()), self.is_ddp)
         mod_weight = cfg.mod_weight if cfg.modality_priors else 0.0  # no modality prior: nothing to classify from
-        return HermesLoss(mod_weight, cfg.bce_weight, cfg.dice_weight, ds_weights=weights)
+        return HermesLoss(mod_weight, cfg.bce_weight, cfg.dice_weight, ds_weights=weights, average=cfg.loss_average)
 
     # ------------------------------------------------------------------ conditioning, forward, loss
     def batch_task_ids(self, batch: dict) -> torch.Tensor:
