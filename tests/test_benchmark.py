@@ -235,6 +235,8 @@ def test_bad_options():
         BenchmarkOptions(methods=["nope"]).validate()
     with pytest.raises(SystemExit):
         cli.main(["--budget", "fast", "--workdir", "/nonexistent_never_used"])
+    with pytest.raises(SystemExit):  # --continue needs the folder of the run it continues
+        cli.main(["--quick", "--continue", "--workdir", "/nonexistent_never_used"])
 
 
 # ------------------------------------------------------------------------------------------ tiny run
@@ -339,6 +341,28 @@ def test_tiny_dataset_auto_report(synthetic_collection, tmp_path, capsys, monkey
         assert (out / "predictions_auto" / "uharmony" / name / "predicted_datasets.json").is_file()
     assert {r["method"] for r in bench["auto_rows"]} == {"uharmony", "uharmony (auto)"}
     assert "inferred member right on" in printed and "uharmony (auto)" in (out / "results.md").read_text()
+
+    # --continue into the same folder reuses the scored method (nothing is trained) and rebuilds the same report;
+    # with another setting the method runs again
+    from nnharmony.benchmark import runner
+
+    calls = []
+
+    def no_training(method, *args):
+        calls.append(method.name)
+        raise RuntimeError("trained again")
+
+    monkeypatch.setattr(runner, "run_method", no_training)
+    same = ["--quick", "-d", synthetic_collection["name"], "--methods", "uharmony", "-device", "cpu", "-o", str(out),
+            "--overlays", "0", "--no-progress", "--dataset-auto", "--continue"]
+    assert cli.main(same + ["--budget", "1x2"]) == 0 and not calls
+    assert "uharmony: scored before with the same settings, reused" in capsys.readouterr().out
+    again = json.loads((out / "benchmark.json").read_text())
+    assert again["rows"] == bench["rows"] and again["auto_member"] == bench["auto_member"]
+    assert again["timings"] == bench["timings"]
+    with pytest.raises(SystemExit):
+        cli.main(same + ["--budget", "1x3"])
+    assert calls == ["uharmony"] and "trained again" in capsys.readouterr().err
 
 
 def test_per_dataset_models_share_an_iterations_budget():

@@ -9,7 +9,8 @@ every paradigm on fold 0 with one budget, per seed, then a table over the seeds.
 WORKDIR holds nnUNet_raw/_preprocessed/_results and ``reports/``; the shared datasets are imported
 (``import_all.py --only r2|r3``) and planned (``R2_2d.collection.json`` with ``2d``, ``R3_3d.collection.json``
 with ``3d_fullres``) when missing. Each seed is one ``run_benchmark`` (the Python API of ``nnharmony_benchmark``)
-into ``reports/<r2|r3>/seed<N>/``, skipped when its ``benchmark.json`` exists, so an interrupted series resumes; two
+into ``reports/<r2|r3>/seed<N>/``, skipped when its ``benchmark.json`` exists, and within a run the methods already
+scored are reused (``--continue`` of ``nnharmony_benchmark``), so an interrupted series resumes; two
 seeds may run at once in two processes (``--seeds 0`` and ``--seeds 1``, one thread each) once planning is done.
 Methods: per-dataset nnU-Net, naive joint, separate-heads oracle, U-Harmony, Hermes; U-Harmony and Hermes also
 predict with ``--dataset auto``.
@@ -100,7 +101,7 @@ def options(args, seed: int, methods: list[str], share: str, output: Path):
         trainers={"nnunet": "nnUNetTrainerAdam1en3"},
         trainer_options={m: {"optimizer_name": "adamw", **args.extra_options.get(m, {})} for m in COLLECTION_METHODS},
         seed=seed, per_dataset_budget=share, auto_member=True, keep_checkpoints=True, validation_mirroring=False,
-        num_processes=1, cpu_threads=args.threads, num_overlays=7, quiet=True)
+        num_processes=1, cpu_threads=args.threads, num_overlays=7, quiet=True, resume=True)
 
 
 def run(args, name: str, seed: int, methods: list[str], share: str) -> None:

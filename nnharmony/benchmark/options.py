@@ -111,6 +111,9 @@ class BenchmarkOptions:
     #: also predict every member's validation cases with ``--dataset auto`` (methods that support it; needs the
     #: checkpoints): how often the inferred member is right, and the Dice with it
     auto_member: bool = False
+    #: reuse the results of methods this report folder scored before with the same settings
+    #: (:mod:`.resume`; ``--continue``)
+    resume: bool = False
     quiet: bool = False  # no progress line
 
     @classmethod

@@ -19,6 +19,7 @@ from nnharmony.benchmark.files import label_tasks, prediction_folders
 from nnharmony.benchmark.methods import Method, trainer_available
 from nnharmony.benchmark.options import BenchmarkOptions
 from nnharmony.benchmark.progress import Progress, Step
+from nnharmony.benchmark.resume import finished_method, result_file, save_method_result, settings_fingerprint
 from nnharmony.records.joint_plan import JointPlan
 from nnharmony.records.model_folder import model_folder
 from nnharmony.utils.io import load_json, save_json_atomic
@@ -263,8 +264,17 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
                "models_dir": models_dir, "member_plans": member_plans, "joint_plans": joint_plans, "folds": folds}
         per_case: list[dict] = []
         timings, method_info = [], {}
+        fingerprint = settings_fingerprint(opts)
         for method in methods:
-            t, info, pc = run_method(method, ctx, progress, say)
+            done = finished_method(report_dir, method.name, fingerprint) if opts.resume else None
+            if done is not None:
+                say(f"{method.name}: scored before with the same settings, reused ({result_file(report_dir, method.name)})")
+                progress.skip_method(method.name)
+                t, info, pc = done
+            else:
+                t, info, pc = run_method(method, ctx, progress, say)
+                if t["status"] == "ok":
+                    save_method_result(report_dir, method.name, fingerprint, t, info, pc)
             timings.append(t)
             method_info[method.name] = info
             per_case += pc

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_deprecated_alias(p, "--num_gpus", "-num_gpus", "num_gpus", type=int)
     p.add_argument("-o", "--output", default=None,
                    help="report folder (default: $nnUNet_results/COLLECTION/benchmark_DATE_TIME)")
+    p.add_argument("--continue", dest="resume", action="store_true",
+                   help="resume an interrupted run into the same -o: methods it scored with the same settings "
+                        "(REPORT/methods/METHOD.json) are reused, the others run (default: every method runs)")
     p.add_argument("--workdir", default=None,
                    help="use DIR/nnUNet_raw, DIR/nnUNet_preprocessed, DIR/nnUNet_results instead of the environment "
                         "(default: the environment's; with --quick where unset ./nnharmony_quick/)")
@@ -211,6 +214,9 @@ def _device(requested: str | None) -> str:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.resume and not args.output:
+        raise ValueError("--continue resumes the run in the report folder given with -o; without -o every run "
+                         "gets a new folder")
     from nnharmony.benchmark import (DEFAULT_METHODS, METHODS, QUICK, BenchmarkOptions, Budget, printed_summary,
                                      run_benchmark)
 
@@ -228,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         fold=args.fold, device=device, num_gpus=args.num_gpus, output_folder=args.output,
         nsd_tolerance_mm=args.nsd_tolerance if args.nsd_tolerance and args.nsd_tolerance > 0 else None,
         num_overlays=args.overlays, ensemble=args.ensemble, trainer_options=trainer_options,
-        quiet=args.no_progress, per_dataset_budget=args.per_dataset_budget, auto_member=args.dataset_auto)
+        quiet=args.no_progress, per_dataset_budget=args.per_dataset_budget, auto_member=args.dataset_auto,
+        resume=args.resume)
     if args.seed is not None:
         common["seed"] = args.seed
     for key, value in (("num_processes", args.num_processes), ("configuration", args.cfg)):
